@@ -1,0 +1,37 @@
+#pragma once
+/// \file
+/// Backend tags and their run-time contexts. CPU-safe: no CUDA header is needed.
+
+#include <drdiff/core/config.hpp>
+
+#include <type_traits>
+
+struct CUstream_st;  // what cudaStream_t points to
+
+DRDIFF_NAMESPACE_BEGIN
+
+/// Backend tags: empty types, used only as template arguments.
+struct cpu {};
+struct cuda {};
+
+template <class B>
+inline constexpr bool is_backend_v = std::is_same_v<B, cpu> || std::is_same_v<B, cuda>;
+
+/// Run-time state of a backend.
+template <class B>
+struct context;
+
+/// CPU context: `num_threads` worker threads (0 = std::thread::hardware_concurrency()).
+template <>
+struct context<cpu> {
+  int num_threads = 0;
+};
+
+/// CUDA context: the stream to launch on and the device it belongs to (-1 = current device).
+template <>
+struct context<cuda> {
+  CUstream_st* stream = nullptr;
+  int device = -1;
+};
+
+DRDIFF_NAMESPACE_END

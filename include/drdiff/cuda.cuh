@@ -1,0 +1,16 @@
+#pragma once
+/// \file
+/// Umbrella header for GPU users (include from .cu files): the core, every attention policy and the
+/// CUDA backend. Does not include Eigen.
+
+#include <drdiff/attention/args.hpp>
+#include <drdiff/attention/attention.hpp>
+#include <drdiff/attention/block_segments.hpp>
+#include <drdiff/attention/policies.hpp>
+#include <drdiff/core/backend.hpp>
+#include <drdiff/core/config.hpp>
+#include <drdiff/core/error.hpp>
+#include <drdiff/cuda/config.cuh>
+#include <drdiff/cuda/device.cuh>
+#include <drdiff/cuda/error.cuh>
+#include <drdiff/version.hpp>

@@ -1,0 +1,15 @@
+#pragma once
+/// \file
+/// Umbrella header for CPU users: the core, every attention policy and the CPU (Eigen) backend.
+/// Needs only a C++17 compiler and Eigen 3.4; no CUDA toolkit.
+
+#include <drdiff/attention/args.hpp>
+#include <drdiff/attention/attention.hpp>
+#include <drdiff/attention/block_segments.hpp>
+#include <drdiff/attention/policies.hpp>
+#include <drdiff/core/backend.hpp>
+#include <drdiff/core/config.hpp>
+#include <drdiff/core/error.hpp>
+#include <drdiff/cpu/attention.hpp>
+#include <drdiff/cpu/attention_reference.hpp>
+#include <drdiff/version.hpp>
