@@ -91,6 +91,6 @@ TEST_CASE("policies evaluate identically in device code", "[attention][policy][c
 
 TEST_CASE("CUDA errors become drdiff::cuda_error naming the call", "[core][errors][cuda]") {
   void* p = nullptr;
-  REQUIRE_THROWS_WITH(DRDIFF_CUDA_CHECK(cudaMalloc(&p, std::size_t(1) << 62)),
+  REQUIRE_THROWS_WITH([&] { DRDIFF_CUDA_CHECK(cudaMalloc(&p, std::size_t(1) << 62)); }(),
                       Catch::Matchers::Contains("cudaMalloc") && Catch::Matchers::Contains("cudaErrorMemoryAllocation"));
 }

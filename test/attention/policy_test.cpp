@@ -56,6 +56,13 @@ double check_segments(S const& seg, int n, std::function<bool(int, int)> const& 
       int last_key = -1;
       seg.for_each_segment(p, t, [&](index_range keys, bool exact) {
         EXPECT(keys.count > 0);
+        if constexpr (attn::detail::has_row_mask<S, int>::value) {  // the row form agrees with owns()
+          std::vector<int> keep(keys.count);
+          for (int r = 0; r < rows.count; ++r) {
+            seg.row_mask(p, rows[r], keys, keep.data());
+            for (int c = 0; c < keys.count; ++c) EXPECT(keep[c] == (seg.owns(p, rows[r], keys[c]) ? 1 : 0));
+          }
+        }
         for (int c = 0; c < keys.count; ++c) {
           int const j = keys[c];
           EXPECT(j > last_key);  // increasing and disjoint across segments
@@ -257,4 +264,25 @@ TEST_CASE("a block-path policy is presented as one segment pass", "[attention][p
     check_segments(seg, n, [&](int i, int j) { return d.mask(i, j); });
     check_blocks(d, n);
   }
+}
+
+TEST_CASE("allowed_pairs counts what the mask allows", "[attention][policy][density][cpu]") {
+  auto const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (int it = 0; it < 200; ++it) {
+    int const n = std::uniform_int_distribution<int>(1, 200)(rng);
+    random_config cfg = make_random(rng, n);
+    attn::pattern const p = cfg.u.bind(n, 0);
+    int const kv_len = std::uniform_int_distribution<int>(1, n)(rng);
+    std::int64_t brute = 0, brute_kv = 0;
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        brute += p.mask(i, j);
+        brute_kv += p.mask(i, j) && j < kv_len;
+      }
+    REQUIRE(attn::allowed_pairs(cfg.u, n) == brute);
+    REQUIRE(attn::allowed_pairs(cfg.u, n, 1, kv_len) == brute_kv);
+  }
+  REQUIRE(attn::density(attn::dense{}, 77) == 1.0);
 }

@@ -5,7 +5,7 @@
 #include <drdiff/core/config.hpp>
 #include <drdiff/core/error.hpp>
 
-#include <algorithm>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 
@@ -80,7 +80,8 @@ inline void check_strides(tensor_strides const& s, int batch, int seq, int heads
     }
     live[n++] = x;
   }
-  std::sort(live, live + n, [](dim const& a, dim const& b) { return a.stride < b.stride; });
+  for (int i = 1; i < n; ++i)  // insertion sort by stride (at most 4 entries)
+    for (int j = i; j > 0 && live[j].stride < live[j - 1].stride; --j) std::swap(live[j], live[j - 1]);
   for (int i = 1; i < n; ++i)
     DRDIFF_CHECK(live[i].stride >= live[i - 1].stride * live[i - 1].extent, "attention: ", name,
                  " strides are inconsistent: the ", live[i].what, " stride ", live[i].stride,

@@ -22,6 +22,7 @@ struct block_segments {
     return contiguous(q0, q1);
   }
   DRDIFF_HOST_DEVICE constexpr bool owns(int, int i, int j) const noexcept { return policy.mask(i, j); }
+  DRDIFF_EXEC_CHECK_DISABLE
   template <class F>
   DRDIFF_HOST_DEVICE constexpr void for_each_segment(int, int t, F&& f) const {
     int const nb = policy.num_kv_blocks(t);

@@ -13,6 +13,8 @@
 ///   int  num_passes() const;  int num_q_tiles(int pass) const;  index_range q_tile(int pass, int t) const;
 ///   template <class F> void for_each_segment(int pass, int t, F&& f) const;   // f(index_range, bool exact)
 ///   bool owns(int pass, int q, int k) const;
+///   template <class T> void row_mask(int pass, int q, index_range keys, T* keep) const;  // optional:
+///                                                  // owns() for a row of keys at once, as 1/0
 /// A policy whose pattern depends on the sequence length or the head has `bind(int n, int head)`
 /// returning the bound policy, and may have `void validate(int n, int heads) const` (throws
 /// drdiff::error on bad parameters).
@@ -66,6 +68,13 @@ struct has_segments<
                               decltype(index_range(std::declval<P const&>().q_tile(0, 0))),
                               decltype(bool(std::declval<P const&>().owns(0, 0, 0))),
                               decltype(std::declval<P const&>().for_each_segment(0, 0, segment_probe{}))>>
+    : std::true_type {};
+
+template <class P, class T, class = void>
+struct has_row_mask : std::false_type {};
+template <class P, class T>
+struct has_row_mask<P, T, drdiff::detail::void_t<decltype(std::declval<P const&>().row_mask(0, 0, index_range{},
+                                                                                           static_cast<T*>(nullptr)))>>
     : std::true_type {};
 
 }  // namespace detail

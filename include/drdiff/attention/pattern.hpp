@@ -189,6 +189,7 @@ struct pattern {
   /// Calls `f(index_range keys, bool exact)` for the key segments of tile t of pass p, in increasing
   /// key order, disjoint. `exact` means every pair (row of the tile, key of the segment) is owned by
   /// the pass; otherwise the backend evaluates `owns(p, i, j)` per element. Keys are in [0, n).
+  DRDIFF_EXEC_CHECK_DISABLE
   template <class F>
   DRDIFF_HOST_DEVICE constexpr void for_each_segment(int p, int t, F&& f) const {
     index_range const rows = q_tile(p, t);
@@ -226,6 +227,41 @@ struct pattern {
         f(g, exact);
         return;
       }
+    }
+  }
+
+  /// Row form of `owns` (optional member of the segment interface, used by the CPU kernel):
+  /// keep[c] = owns(p, i, keys[c]) for c < keys.count, written as 1/0. Window and dilated passes
+  /// compute the owned keys of the row as one or two runs instead of testing each key.
+  template <class T>
+  DRDIFF_HOST_DEVICE constexpr void row_mask(int p, int i, index_range keys, T* keep) const {
+    int c = 0;
+    pass_kind const k = kind(p, &c);
+    bool const runs = !keys.list && (k == pass_kind::window_band ||
+                                     (k == pass_kind::dilated && c == 0 && keys.stride % dil[0].rate == 0 &&
+                                      (keys.start - i) % dil[0].rate == 0));
+    if (!runs) {
+      for (int x = 0; x < keys.count; ++x) keep[x] = owns(p, i, keys[x]) ? T(1) : T(0);
+      return;
+    }
+    for (int x = 0; x < keys.count; ++x) keep[x] = T(0);
+    if (is_global(i)) return;
+    // Keys j = start + stride·x; owned when lo ≤ |i − j| ≤ hi (window: lo = 0; dilated: past the
+    // window, and the segment lies in i's phase so every key is a multiple of the rate away).
+    int const lo = k == pass_kind::window_band ? 0 : (window >= 0 ? window + 1 : 0);
+    int const hi = k == pass_kind::window_band ? window : dil[c].span;
+    auto fill = [&](long long j0, long long j1) {  // owned absolute keys [j0, j1]
+      long long const st = keys.stride;
+      long long x0 = j0 <= keys.start ? 0 : (j0 - keys.start + st - 1) / st;
+      long long x1 = j1 < keys.start ? -1 : (j1 - keys.start) / st;
+      if (x1 >= keys.count) x1 = keys.count - 1;
+      for (long long x = x0; x <= x1; ++x) keep[x] = T(1);
+    };
+    if (lo == 0) {
+      fill(static_cast<long long>(i) - hi, static_cast<long long>(i) + hi);
+    } else {
+      fill(static_cast<long long>(i) - hi, static_cast<long long>(i) - lo);
+      fill(static_cast<long long>(i) + lo, static_cast<long long>(i) + hi);
     }
   }
 
@@ -269,6 +305,7 @@ struct pattern {
   /// Rows a ∈ [a0, a1) (phase coordinates), keys b ∈ [0, nb) with lo ≤ |a − b| ≤ hi: emits the
   /// keys in maximal runs, each marked exact (all rows allowed, and `clean`) or masked; keys no row
   /// allows are skipped. Absolute position of phase index b is phase + rate·b.
+  DRDIFF_EXEC_CHECK_DISABLE
   template <class F>
   DRDIFF_HOST_DEVICE static constexpr void ring(int phase, int rate, int a0, int a1, int lo, int hi,
                                                 int nb, bool clean, F& f) {

@@ -3,6 +3,7 @@
 /// Every built-in attention policy. Portable: no CUDA, no Eigen.
 
 #include <drdiff/attention/concepts.hpp>
+#include <drdiff/attention/density.hpp>
 #include <drdiff/attention/index_range.hpp>
 #include <drdiff/attention/pattern.hpp>
 #include <drdiff/attention/policy/dense.hpp>

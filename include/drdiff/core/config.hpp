@@ -8,6 +8,14 @@
 #define DRDIFF_HOST_DEVICE inline
 #endif
 
+/// Placed before a __host__ __device__ template that calls a user functor, so a __device__-only
+/// functor can be passed from device code (nvcc otherwise rejects the host instantiation).
+#if defined(__CUDACC__) && !defined(__clang__)
+#define DRDIFF_EXEC_CHECK_DISABLE _Pragma("nv_exec_check_disable")
+#else
+#define DRDIFF_EXEC_CHECK_DISABLE
+#endif
+
 /// Versioned namespace (ODR hygiene when two DrDiff versions meet in one program).
 #define DRDIFF_NAMESPACE_BEGIN \
   namespace drdiff {           \

@@ -27,7 +27,7 @@ namespace detail {
 /// Tuning of the CPU kernel.
 struct cpu_attention_tuning {
   static constexpr int tile_rows = 64;    ///< query rows per tile (segment-path policies)
-  static constexpr int chunk_keys = 128;  ///< keys per S = Q·Kᵀ product
+  static constexpr int chunk_keys = 256;  ///< keys per S = Q·Kᵀ product
 };
 
 template <class T>
@@ -222,11 +222,12 @@ struct attention_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float> || std::
         if (!exact) {
           for (int r = 0; r < cnt; ++r) {
             int const i = rows[r];
-            for (int c = 0; c < kc; ++c) {
-              bool const ok = seg.owns(p, i, kr[c]);
-              keep(r, c) = ok ? T(1) : T(0);
-              if (!ok) s(r, c) = neg_inf;
+            if constexpr (attn::detail::has_row_mask<Seg, T>::value) {
+              seg.row_mask(p, i, kr, &keep(r, 0));
+            } else {
+              for (int c = 0; c < kc; ++c) keep(r, c) = seg.owns(p, i, kr[c]) ? T(1) : T(0);
             }
+            s.row(r) = (keep.row(r).array() > T(0)).select(s.row(r), neg_inf);
           }
         }
         for (int r = 0; r < cnt; ++r) {

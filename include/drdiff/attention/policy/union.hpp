@@ -6,6 +6,7 @@
 #include <drdiff/attention/pattern.hpp>
 #include <drdiff/core/config.hpp>
 #include <drdiff/core/error.hpp>
+#include <drdiff/core/traits.hpp>
 
 #include <type_traits>
 #include <utility>
