@@ -7,6 +7,7 @@
 #include <random>
 
 #include "../support/drdiff_test.hpp"
+#include "../support/user_policies.hpp"
 
 using namespace drdiff;
 
@@ -116,15 +117,7 @@ TEST_CASE("padded batches mask the keys past each length", "[attention][padding]
   compare<double>(attn::global_tokens::first(10) | attn::dilated{3, 50}, 3, 150, 2, 32, true);
 }
 
-namespace {
-struct documents {  // a user policy on the block path only
-  static constexpr int block_q = 32, block_k = 32;
-  bool mask(int q, int k) const { return q / 32 == k / 32; }
-  int num_kv_blocks(int) const { return 1; }
-  int kv_block(int qb, int) const { return qb; }
-  bool full_block(int qb, int kb) const { return qb == kb; }
-};
-}  // namespace
+using test::documents;
 
 TEST_CASE("a user-defined block policy runs on the same kernel", "[attention][block][cpu]") {
   compare<float>(documents{}, 2, 150, 2, 64);
@@ -146,4 +139,39 @@ TEST_CASE("results do not depend on the thread count or the workspace owner", "[
 
 TEST_CASE("head_dim 32 to 256 in steps of 8 run", "[attention][cpu]") {
   for (int d : {32, 40, 72, 128, 200, 256}) compare<float>(attn::local_window{10} | attn::dilated{2, 20}, 1, 90, 1, d);
+}
+
+TEST_CASE("huge windows, spans and rates are clamped to N without changing the mask", "[attention][cpu]") {
+  compare<float>(attn::local_window{INT_MAX}, 1, 70, 1, 32);  // = dense
+  compare<float>(attn::dilated{INT_MAX, INT_MAX}, 1, 70, 1, 32);  // = the diagonal
+  compare<float>(attn::local_window{3} | attn::dilated{5, INT_MAX} | attn::global_tokens::strided(4), 1, 99, 1, 32);
+  int const rates[] = {1 << 30, 3};
+  compare<double>(attn::dilated{2, 1 << 30, rates}, 1, 64, 2, 32);
+}
+
+namespace {
+/// A segment-path user policy whose tiles are taller than the CPU kernel's scratch (200 rows):
+/// every query attends keys within 10 positions, one pass, one masked segment per tile.
+struct tall_tiles {
+  static constexpr int block_q = 200, block_k = 200;
+  int n = 0;
+  bool mask(int q, int k) const { return q - k <= 10 && k - q <= 10; }
+  int num_kv_blocks(int) const { return 1; }
+  int kv_block(int qb, int) const { return qb; }
+  bool full_block(int, int) const { return false; }
+  tall_tiles bind(int len, int) const { return {len}; }
+  int num_passes() const { return 1; }
+  int num_q_tiles(int) const { return (n + 199) / 200; }
+  attn::index_range q_tile(int, int t) const { return attn::contiguous(t * 200, std::min(n, t * 200 + 200)); }
+  bool owns(int, int q, int k) const { return mask(q, k); }
+  template <class F>
+  void for_each_segment(int, int t, F&& f) const {
+    f(attn::contiguous(std::max(0, t * 200 - 10), std::min(n, t * 200 + 210)), false);
+  }
+};
+}  // namespace
+
+TEST_CASE("a user segment policy with tiles taller than the scratch runs in slices", "[attention][cpu]") {
+  static_assert(attn::has_segments_v<tall_tiles>);
+  compare<float>(tall_tiles{}, 2, 450, 2, 64);
 }

@@ -113,3 +113,26 @@ TEST_CASE("bad key lengths, scale, threads and workspace are rejected", "[attent
   REQUIRE_THROWS_WITH(attention(f.ctx, f.w, f.a, ws.data(), ws.size()), Contains("workspace_bytes = 16"));
   REQUIRE_THROWS_WITH(attention_reference(f.w, f.a, 50, 20), Contains("rows [50, 20)"));
 }
+
+TEST_CASE("outputs that overlap inputs are rejected", "[attention][errors][cpu]") {
+  fixture f;
+  auto a = f.a;
+  a.o = const_cast<float*>(a.q);
+  REQUIRE_THROWS_WITH(attention(f.ctx, f.w, a), Contains("o overlaps q"));
+  a = f.a;
+  a.maybe_lse = const_cast<float*>(a.v) + 5;
+  REQUIRE_THROWS_WITH(attention(f.ctx, f.w, a), Contains("maybe_lse overlaps v"));
+  a = f.a;
+  a.o_strides.seq = std::int64_t(1) << 62;  // a product of strides past 2^63 is caught, not wrapped
+  a.o_strides.batch = std::int64_t(1) << 62;
+  REQUIRE_THROWS_AS(attention(f.ctx, f.w, a), drdiff::error);
+}
+
+TEST_CASE("a global list cannot take a sqrt cap, and the cap cannot be negative", "[attention][errors][cpu]") {
+  fixture f;
+  int const list[] = {1, 2};
+  auto g = attn::global_tokens::explicit_list(list, 2);
+  g.spec.sqrt_cap = 8;
+  REQUIRE_THROWS_WITH(attention(f.ctx, g, f.a), Contains("sqrt_cap = 8"));
+  REQUIRE_THROWS_WITH(attention(f.ctx, attn::global_tokens::first_sqrt(-3), f.a), Contains("-3"));
+}

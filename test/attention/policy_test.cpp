@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../support/drdiff_test.hpp"
+#include "../support/user_policies.hpp"
 
 using namespace drdiff;
 using attn::index_range;
@@ -241,17 +242,7 @@ TEST_CASE("per-head dilation binds a different rate per head", "[attention][poli
   }
 }
 
-namespace {
-/// A user policy on the block path only: each query attends keys of its own 32-token "document".
-struct documents {
-  static constexpr int block_q = 32, block_k = 32;
-  int n = 0;
-  bool mask(int q, int k) const { return q / 32 == k / 32; }
-  int num_kv_blocks(int) const { return 1; }
-  int kv_block(int qb, int) const { return qb; }
-  bool full_block(int qb, int kb) const { return qb == kb; }
-};
-}  // namespace
+using test::documents;
 
 TEST_CASE("a block-path policy is presented as one segment pass", "[attention][policy][block][cpu]") {
   static_assert(attn::is_policy_v<documents>);
@@ -259,7 +250,7 @@ TEST_CASE("a block-path policy is presented as one segment pass", "[attention][p
   static_assert(attn::has_segments_v<attn::hsa>);
   static_assert(attn::is_policy_v<attn::hsa>);
   for (int n : {1, 31, 32, 33, 200}) {
-    documents const d{n};
+    documents const d{};
     auto const seg = attn::segments_of(d, n);
     check_segments(seg, n, [&](int i, int j) { return d.mask(i, j); });
     check_blocks(d, n);

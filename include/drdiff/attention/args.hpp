@@ -69,6 +69,14 @@ inline void check_strides(tensor_strides const& s, int batch, int seq, int heads
                ", seq = ", s.seq, ", head = ", s.head, "} must be non-negative");
   struct dim { std::int64_t stride, extent; char const* what; };
   dim d[4] = {{1, head_dim, "head_dim"}, {s.head, heads, "head"}, {s.seq, seq, "seq"}, {s.batch, batch, "batch"}};
+  // The last element's offset must be representable (also in bytes, hence the margin of 16).
+  std::int64_t last = 0;
+  for (auto const& x : d) {
+    if (x.extent <= 1 || x.stride == 0) continue;
+    DRDIFF_CHECK(x.extent - 1 <= (INT64_MAX / 16 - last) / x.stride, "attention: ", name, " stride of ", x.what,
+                 " = ", x.stride, " puts elements past 2^59");
+    last += (x.extent - 1) * x.stride;
+  }
   int n = 0;
   dim live[4];
   for (auto const& x : d) {
@@ -83,10 +91,26 @@ inline void check_strides(tensor_strides const& s, int batch, int seq, int heads
   for (int i = 1; i < n; ++i)  // insertion sort by stride (at most 4 entries)
     for (int j = i; j > 0 && live[j].stride < live[j - 1].stride; --j) std::swap(live[j], live[j - 1]);
   for (int i = 1; i < n; ++i)
-    DRDIFF_CHECK(live[i].stride >= live[i - 1].stride * live[i - 1].extent, "attention: ", name,
+    DRDIFF_CHECK(live[i - 1].stride <= INT64_MAX / live[i - 1].extent &&
+                     live[i].stride >= live[i - 1].stride * live[i - 1].extent, "attention: ", name,
                  " strides are inconsistent: the ", live[i].what, " stride ", live[i].stride,
                  " is smaller than the ", live[i - 1].what, " extent × stride = ", live[i - 1].extent, " × ",
                  live[i - 1].stride, ", so elements overlap");
+}
+}  // namespace detail
+
+namespace detail {
+/// Bytes [first, last) a [batch, seq, heads, head_dim] tensor can touch.
+template <class T>
+std::pair<std::uintptr_t, std::uintptr_t> byte_span(void const* base, tensor_strides const& s, int batch, int seq,
+                                                    int heads, int head_dim) {
+  std::uint64_t const last = std::uint64_t(batch - 1) * s.batch + std::uint64_t(seq - 1) * s.seq +
+                             std::uint64_t(heads - 1) * s.head + std::uint64_t(head_dim);
+  auto const b = reinterpret_cast<std::uintptr_t>(base);
+  return {b, b + last * sizeof(T)};
+}
+inline bool overlaps(std::pair<std::uintptr_t, std::uintptr_t> x, std::pair<std::uintptr_t, std::uintptr_t> y) {
+  return x.first < y.second && y.first < x.second;
 }
 }  // namespace detail
 
@@ -108,6 +132,23 @@ void validate(attention_args<T> const& a, bool host_lens = true) {
   detail::check_strides(a.k_strides, a.batch, a.seq, a.heads, a.head_dim, "k", false);
   detail::check_strides(a.v_strides, a.batch, a.seq, a.heads, a.head_dim, "v", false);
   detail::check_strides(a.o_strides, a.batch, a.seq, a.heads, a.head_dim, "o", true);
+  // Outputs are written while inputs are still read: they must not share memory.
+  using span = std::pair<std::uintptr_t, std::uintptr_t>;
+  span const o = detail::byte_span<T>(a.o, a.o_strides, a.batch, a.seq, a.heads, a.head_dim);
+  span const in[3] = {detail::byte_span<T>(a.q, a.q_strides, a.batch, a.seq, a.heads, a.head_dim),
+                      detail::byte_span<T>(a.k, a.k_strides, a.batch, a.seq, a.heads, a.head_dim),
+                      detail::byte_span<T>(a.v, a.v_strides, a.batch, a.seq, a.heads, a.head_dim)};
+  char const* const in_names[3] = {"q", "k", "v"};
+  for (int x = 0; x < 3; ++x)
+    DRDIFF_CHECK(!detail::overlaps(o, in[x]), "attention: o overlaps ", in_names[x],
+                 " (in-place attention is not supported)");
+  if (a.maybe_lse) {
+    auto const l0 = reinterpret_cast<std::uintptr_t>(a.maybe_lse);
+    span const l{l0, l0 + std::uint64_t(a.batch) * a.heads * a.seq * sizeof(T)};
+    DRDIFF_CHECK(!detail::overlaps(o, l), "attention: maybe_lse overlaps o");
+    for (int x = 0; x < 3; ++x)
+      DRDIFF_CHECK(!detail::overlaps(l, in[x]), "attention: maybe_lse overlaps ", in_names[x]);
+  }
   if (a.maybe_kv_lens && host_lens)
     for (int b = 0; b < a.batch; ++b)
       DRDIFF_CHECK(a.maybe_kv_lens[b] >= 1 && a.maybe_kv_lens[b] <= a.seq, "attention: kv_lens[", b, "] = ",

@@ -21,6 +21,7 @@ struct block_segments {
     int const q0 = t * P::block_q, q1 = q0 + P::block_q < n ? q0 + P::block_q : n;
     return contiguous(q0, q1);
   }
+  DRDIFF_EXEC_CHECK_DISABLE
   DRDIFF_HOST_DEVICE constexpr bool owns(int, int i, int j) const noexcept { return policy.mask(i, j); }
   DRDIFF_EXEC_CHECK_DISABLE
   template <class F>

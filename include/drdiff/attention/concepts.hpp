@@ -80,6 +80,7 @@ struct has_row_mask<P, T, drdiff::detail::void_t<decltype(std::declval<P const&>
 }  // namespace detail
 
 /// Bind a policy to sequence length n and head `head` (identity for policies without `bind`).
+DRDIFF_EXEC_CHECK_DISABLE
 template <class P>
 DRDIFF_HOST_DEVICE constexpr auto bind(P const& p, int n, int head) {
   if constexpr (detail::has_bind<P>::value) return p.bind(n, head);

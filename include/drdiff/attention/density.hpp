@@ -16,6 +16,7 @@ namespace attn {
 template <class P>
 std::int64_t allowed_pairs(P const& p, int n, int heads = 1, int kv_len = -1) {
   if (kv_len < 0) kv_len = n;
+  validate(p, n, heads);
   std::int64_t total = 0;
   for (int h = 0; h < heads; ++h) {
     auto const seg = segments_of(bind(p, n, h), n);

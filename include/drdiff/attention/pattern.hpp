@@ -161,6 +161,7 @@ struct pattern {
       case pass_kind::global_rows: return global_keys().sub(t * tile, min_(tile, num_global - t * tile));
       case pass_kind::dilated: {
         int const rate = dil[c].rate, per = phase_tiles(c);
+        if (per == 0) return index_range{};
         int const phase = t / per, chunk = t % per;
         int const r0 = first_plain_row() + phase;  // first row of this phase
         int const rows = r0 < n ? (n - r0 + rate - 1) / rate : 0;
@@ -216,13 +217,17 @@ struct pattern {
         return;
       }
       default: {
+        // Exact when no row is global and no global key is within reach of the tile's rows (then
+        // no window or dilation can own a global key of these rows).
         index_range const g = global_keys();
         bool exact = !any_global_row(rows);
-        if (exact && rule == global_rule::first) {
-          int const r = reach();  // every row at least `r + 1` past the last global key
-          exact = rows.start - r > num_global - 1;
-        } else {
-          exact = false;
+        int const r = reach();
+        if (exact && r >= 0) {
+          long long const lo = static_cast<long long>(rows.start) - r;
+          long long const hi = static_cast<long long>(rows[rows.count - 1]) + r;
+          int const below_lo = lo <= 0 ? 0 : g.count_below(static_cast<int>(lo));
+          int const upto_hi = hi >= n ? g.count : g.count_below(static_cast<int>(hi) + 1);
+          exact = upto_hi == below_lo;
         }
         f(g, exact);
         return;

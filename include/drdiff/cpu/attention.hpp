@@ -162,7 +162,15 @@ struct attention_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float> || std::
   static void run_tile(Seg const& seg, int p, int t, attention_args<T> const& a, int b, int h, T scale,
                        cpu_attention_layout<T> const& lay, T* m_row, T* l_row, T* buf) {
     attn::index_range const rows = seg.q_tile(p, t);
-    if (rows.empty()) return;
+    // A policy may hand out taller tiles than the scratch holds: run them in slices of `tile` rows
+    // (the tile's segments stay valid, and exact, for any subset of its rows).
+    for (int r0 = 0; r0 < rows.count; r0 += lay.tile)
+      run_rows(seg, p, t, rows.sub(r0, std::min(lay.tile, rows.count - r0)), a, b, h, scale, lay, m_row, l_row, buf);
+  }
+
+  template <class Seg>
+  static void run_rows(Seg const& seg, int p, int t, attn::index_range rows, attention_args<T> const& a, int b,
+                       int h, T scale, cpu_attention_layout<T> const& lay, T* m_row, T* l_row, T* buf) {
     int const cnt = rows.count, D = a.head_dim, C = lay.chunk, TR = lay.tile;
     int const L = a.kv_len(b);
     T const neg_inf = -std::numeric_limits<T>::infinity();

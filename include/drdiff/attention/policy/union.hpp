@@ -24,10 +24,13 @@ struct global_spec {
   /// G for sequence length n.
   DRDIFF_HOST_DEVICE constexpr int resolve(int n) const noexcept {
     if (rule == global_rule::none) return 0;
-    if (sqrt_cap > 0) {
-      int r = 0;
-      while (static_cast<long long>(r) * r < n) ++r;  // ⌈√n⌉
-      return r < sqrt_cap ? r : sqrt_cap;
+    if (sqrt_cap > 0 && rule != global_rule::list) {
+      int lo = 0, hi = 46341;  // ⌈√n⌉ by bisection: the least r with r² ≥ n (46341² > INT_MAX)
+      while (lo < hi) {
+        int const mid = lo + (hi - lo) / 2;
+        if (static_cast<long long>(mid) * mid < n) lo = mid + 1; else hi = mid;
+      }
+      return lo < sqrt_cap ? lo : sqrt_cap;
     }
     return count;
   }
@@ -42,6 +45,9 @@ inline void validate_globals(global_spec const& g, int n, char const* who) {
   if (g.rule == global_rule::none) return;
   int const cnt = g.resolve(n);
   DRDIFF_CHECK(g.count >= 0, who, ": global token count G = ", g.count, " must be >= 0");
+  DRDIFF_CHECK(g.sqrt_cap >= 0, who, ": the cap of G = ceil(sqrt(N)) is ", g.sqrt_cap, " (must be >= 0)");
+  DRDIFF_CHECK(g.sqrt_cap == 0 || g.rule != global_rule::list, who,
+               ": an explicit list has its own length; sqrt_cap = ", g.sqrt_cap, " is not allowed with it");
   DRDIFF_CHECK(cnt <= n, who, ": global token count G = ", cnt, " exceeds the sequence length N = ", n);
   if (g.rule == global_rule::list) {
     DRDIFF_CHECK(g.list != nullptr || cnt == 0, who, ": global token list is null but G = ", cnt);
@@ -72,11 +78,14 @@ struct sparse_union {
     p.n = n;
     p.is_dense = dense;
     if (dense) return p;
-    p.window = has_window ? window : -1;
+    // Distances never exceed n − 1, so windows, spans and rates are clamped to n without changing
+    // the mask; this keeps every index computation of the pattern inside int.
+    auto clamp = [n](int x) { return x < n ? x : n; };
+    p.window = has_window ? clamp(window) : -1;
     p.num_dilations = num_dilations;
     for (int c = 0; c < num_dilations; ++c) {
-      p.dil[c] = dil[c];
-      if (head_rates[c]) p.dil[c].rate = head_rates[c][head];
+      p.dil[c].span = clamp(dil[c].span);
+      p.dil[c].rate = clamp(head_rates[c] ? head_rates[c][head] : dil[c].rate);
     }
     int const g = globals.resolve(n);
     if (g > 0) {
@@ -95,7 +104,7 @@ struct sparse_union {
     DRDIFF_CHECK(num_dilations >= 0 && num_dilations <= max_dilations, "sparse_union: ", num_dilations,
                  " dilated components (at most ", max_dilations, ")");
     for (int c = 0; c < num_dilations; ++c) {
-      DRDIFF_CHECK(dil[c].rate >= 1, "dilated: rate delta = ", dil[c].rate, " must be >= 1");
+      DRDIFF_CHECK(head_rates[c] || dil[c].rate >= 1, "dilated: rate delta = ", dil[c].rate, " must be >= 1");
       DRDIFF_CHECK(dil[c].span >= 0, "dilated: span s = ", dil[c].span, " must be >= 0");
       DRDIFF_CHECK(!has_window || dil[c].span >= window, "sparse_union: dilated span s = ", dil[c].span,
                    " is smaller than the local window w = ", window, " (s must be >= w)");

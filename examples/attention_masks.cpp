@@ -1,0 +1,60 @@
+// Draws the mask of every built-in pattern as text, at a small N with scaled-down parameters, and
+// the pass that owns each pair of the union (R: global rows, W: window, D: dilation, K: global
+// keys). The pictures in docs/attention.md are this program's output.
+//
+//   drdiff-attention-masks [N]
+
+#include <drdiff/attention/policies.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+template <class Policy>
+void draw(char const* title, Policy const& policy, int n) {
+  auto const p = drdiff::attn::bind(policy, n, 0);
+  std::printf("%s (N = %d, density %.3f)\n", title, n, drdiff::attn::density(policy, n));
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) std::putchar(p.mask(i, j) ? '#' : '.');
+    std::putchar('\n');
+  }
+  std::putchar('\n');
+}
+
+void draw_passes(char const* title, drdiff::attn::sparse_union const& u, int n) {
+  auto p = u.bind(n, 0);
+  p.tile = 8;
+  std::vector<char> owner(std::size_t(n) * n, '.');
+  char const letters[] = {'A', 'R', 'W', 'D', 'K'};  // by pass_kind
+  for (int pass = 0; pass < p.num_passes(); ++pass)
+    for (int t = 0; t < p.num_q_tiles(pass); ++t) {
+      auto const rows = p.q_tile(pass, t);
+      p.for_each_segment(pass, t, [&](drdiff::attn::index_range keys, bool) {
+        for (int r = 0; r < rows.count; ++r)
+          for (int c = 0; c < keys.count; ++c)
+            if (p.owns(pass, rows[r], keys[c]))
+              owner[std::size_t(rows[r]) * n + keys[c]] = letters[int(p.kind(pass))];
+      });
+    }
+  std::printf("%s: the pass that owns each pair (N = %d)\n", title, n);
+  for (int i = 0; i < n; ++i) std::printf("%.*s\n", n, &owner[std::size_t(i) * n]);
+  std::putchar('\n');
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int const n = argc > 1 ? std::atoi(argv[1]) : 40;
+  using namespace drdiff::attn;
+  draw("dense", dense{}, n);
+  draw("local_window{3}", local_window{3}, n);
+  draw("dilated{4, 16}", dilated{4, 16}, n);
+  draw("global_tokens::first(2)", global_tokens::first(2), n);
+  draw("global_tokens::strided(4)", global_tokens::strided(4), n);
+  auto const u = local_window{3} | dilated{4, 16} | global_tokens::first(2);
+  draw("local_window{3} | dilated{4, 16} | global_tokens::first(2)", u, n);
+  draw_passes("the same union", u, n);
+  return 0;
+}
