@@ -236,15 +236,24 @@ struct pattern {
   }
 
   /// Row form of `owns` (optional member of the segment interface, used by the CPU kernel):
-  /// keep[c] = owns(p, i, keys[c]) for c < keys.count, written as 1/0. Window and dilated passes
-  /// compute the owned keys of the row as one or two runs instead of testing each key.
+  /// keep[x] = owns(p, i, keys[x]) for x < keys.count, written as 1/0. Window and dilated passes
+  /// write the owned keys of the row as one or two runs (then clear what earlier dilations own)
+  /// instead of testing each key; the global-key pass tests each key without the global lookups.
   template <class T>
   DRDIFF_HOST_DEVICE constexpr void row_mask(int p, int i, index_range keys, T* keep) const {
     int c = 0;
     pass_kind const k = kind(p, &c);
+    if (k == pass_kind::global_keys) {
+      bool const row_global = is_global(i);
+      for (int x = 0; x < keys.count; ++x) {
+        int const j = keys[x];
+        keep[x] = !row_global && !in_window(i, j) && !in_any_dilation(i, j) ? T(1) : T(0);
+      }
+      return;
+    }
     bool const runs = !keys.list && (k == pass_kind::window_band ||
-                                     (k == pass_kind::dilated && c == 0 && keys.stride % dil[0].rate == 0 &&
-                                      (keys.start - i) % dil[0].rate == 0));
+                                     (k == pass_kind::dilated && keys.stride % dil[c].rate == 0 &&
+                                      (keys.start - i) % dil[c].rate == 0));
     if (!runs) {
       for (int x = 0; x < keys.count; ++x) keep[x] = owns(p, i, keys[x]) ? T(1) : T(0);
       return;
@@ -255,19 +264,26 @@ struct pattern {
     // window, and the segment lies in i's phase so every key is a multiple of the rate away).
     int const lo = k == pass_kind::window_band ? 0 : (window >= 0 ? window + 1 : 0);
     int const hi = k == pass_kind::window_band ? window : dil[c].span;
-    auto fill = [&](long long j0, long long j1) {  // owned absolute keys [j0, j1]
+    // Calls g(x) for the keys x with j0 ≤ keys[x] ≤ j1.
+    auto each = [&](long long j0, long long j1, auto&& g) {
       long long const st = keys.stride;
-      long long x0 = j0 <= keys.start ? 0 : (j0 - keys.start + st - 1) / st;
+      long long const x0 = j0 <= keys.start ? 0 : (j0 - keys.start + st - 1) / st;
       long long x1 = j1 < keys.start ? -1 : (j1 - keys.start) / st;
       if (x1 >= keys.count) x1 = keys.count - 1;
-      for (long long x = x0; x <= x1; ++x) keep[x] = T(1);
+      for (long long x = x0; x <= x1; ++x) g(static_cast<int>(x));
     };
+    auto set = [&](int x) { keep[x] = T(1); };
+    long long const ii = i;
     if (lo == 0) {
-      fill(static_cast<long long>(i) - hi, static_cast<long long>(i) + hi);
+      each(ii - hi, ii + hi, set);
     } else {
-      fill(static_cast<long long>(i) - hi, static_cast<long long>(i) - lo);
-      fill(static_cast<long long>(i) + lo, static_cast<long long>(i) + hi);
+      each(ii - hi, ii - lo, set);
+      each(ii + lo, ii + hi, set);
     }
+    for (int e = 0; k == pass_kind::dilated && e < c; ++e)  // pairs an earlier dilation owns
+      each(ii - dil[e].span, ii + dil[e].span, [&](int x) {
+        if (in_dilation(e, i, keys[x])) keep[x] = T(0);
+      });
   }
 
   // ---- the block path (block_q × block_k blocks) ----------------------------------------------
