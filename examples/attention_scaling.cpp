@@ -28,7 +28,7 @@ void row(char const* name, Policy const& policy, int n) {
     drdiff::attention_reference(policy, t.ref_args, r0, r0 + 64);
     err = std::max(err, t.rel_error(r0, r0 + 64));
   }
-  char tier[8] = "-";
+  char tier[16] = "-";
   if constexpr (std::is_same_v<Policy, drdiff::attn::hsa>) std::snprintf(tier, sizeof tier, "%d", policy.tier_index(n));
   std::printf("%-8s %7d %5s %10.2f %9.5f %9.1f %11.1f %11.2e\n", name, n, tier, s * 1e3,
               pairs / (double(n) * n * heads), 4.0 * dim * pairs / s * 1e-9, s * 1e9 / (double(n) * heads), err);

@@ -10,6 +10,7 @@
 #include <drdiff/core/backend.hpp>
 #include <drdiff/core/config.hpp>
 #include <drdiff/core/error.hpp>
+#include <drdiff/cuda/attention.cuh>
 #include <drdiff/cuda/config.cuh>
 #include <drdiff/cuda/device.cuh>
 #include <drdiff/cuda/error.cuh>

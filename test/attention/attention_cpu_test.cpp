@@ -42,16 +42,6 @@ void compare(Policy const& policy, int batch, int n, int heads, int dim, bool pa
   REQUIRE(lse_err <= tolerance<T>());
 }
 
-/// A tier table with small thresholds, so every tier runs at test sizes.
-attn::hsa small_tiers() {
-  attn::hsa_tier const t[] = {
-      {64, true, 0, 1, 0, {}, nullptr},
-      {256, false, 16, 2, 64, attn::global_tokens::first_sqrt(8).spec, nullptr},
-      {600, false, 16, 4, 128, attn::global_tokens::first(8).spec, nullptr},
-      {INT_MAX, false, 16, 8, 256, attn::global_tokens::first(16).spec, nullptr},
-  };
-  return attn::hsa::from_tiers(t);
-}
 
 }  // namespace
 
@@ -96,7 +86,7 @@ TEMPLATE_TEST_CASE("unions count each key once", "[attention][union][cpu]", floa
 }
 
 TEMPLATE_TEST_CASE("every hsa tier matches the reference", "[attention][hsa][cpu]", float, double) {
-  auto const h = small_tiers();
+  auto const h = test::small_tiers();
   for (int n : {40, 64, 65, 200, 256, 500, 601, 1111}) compare<TestType>(h, 1, n, 2, 64);
   compare<TestType>(h, 3, 700, 2, 64, true, 24);  // padded batch, explicit row strides
 }

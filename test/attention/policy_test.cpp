@@ -72,6 +72,12 @@ double check_segments(S const& seg, int n, std::function<bool(int, int)> const& 
           for (int r = 0; r < rows.count; ++r) {
             int const i = rows[r];
             bool const own = seg.owns(p, i, j);
+            if constexpr (std::is_same_v<S, attn::pattern>) {  // the kernels' hoisted form agrees
+              int comp = 0;
+              attn::pass_kind const k = seg.kind(p, &comp);
+              if (!seg.is_global(i) && k != attn::pass_kind::global_rows)
+                EXPECT(seg.owns_segment_key(k, comp, i, j) == own);
+            }
             if (exact) EXPECT(own);
             if (own) {
               EXPECT(mask(i, j));

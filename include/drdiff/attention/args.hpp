@@ -8,6 +8,7 @@
 #include <utility>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 DRDIFF_NAMESPACE_BEGIN
 
@@ -36,7 +37,9 @@ struct attention_args {
   T const* v = nullptr;
   T* o = nullptr;
   tensor_strides q_strides{}, k_strides{}, v_strides{}, o_strides{};
-  T* maybe_lse = nullptr;
+  /// fp32 for 16-bit element types (a bf16 lse would keep 3 digits), T otherwise.
+  using lse_type = std::conditional_t<(sizeof(T) < 4), float, T>;
+  lse_type* maybe_lse = nullptr;
   int const* maybe_kv_lens = nullptr;
   double softmax_scale = 0.0;  ///< 0: 1/√head_dim
 
@@ -144,7 +147,7 @@ void validate(attention_args<T> const& a, bool host_lens = true) {
                  " (in-place attention is not supported)");
   if (a.maybe_lse) {
     auto const l0 = reinterpret_cast<std::uintptr_t>(a.maybe_lse);
-    span const l{l0, l0 + std::uint64_t(a.batch) * a.heads * a.seq * sizeof(T)};
+    span const l{l0, l0 + std::uint64_t(a.batch) * a.heads * a.seq * sizeof(*a.maybe_lse)};
     DRDIFF_CHECK(!detail::overlaps(o, l), "attention: maybe_lse overlaps o");
     for (int x = 0; x < 3; ++x)
       DRDIFF_CHECK(!detail::overlaps(l, in[x]), "attention: maybe_lse overlaps ", in_names[x]);

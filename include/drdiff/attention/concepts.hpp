@@ -46,6 +46,12 @@ struct has_validate<P, drdiff::detail::void_t<decltype(std::declval<P const&>().
     : std::true_type {};
 
 template <class P, class = void>
+struct has_validate3 : std::false_type {};
+template <class P>
+struct has_validate3<P, drdiff::detail::void_t<decltype(std::declval<P const&>().validate(0, 0, true))>>
+    : std::true_type {};
+
+template <class P, class = void>
 struct is_block_policy : std::false_type {};
 template <class P>
 struct is_block_policy<
@@ -91,9 +97,11 @@ template <class P>
 using bound_t = std::decay_t<decltype(bind(std::declval<P const&>(), 0, 0))>;
 
 /// Check a policy's parameters for sequence length n and `heads` heads; throws drdiff::error.
+/// `read_pointers` = false when the memory a policy points to (a global list) is on the device.
 template <class P>
-void validate(P const& p, int n, int heads) {
-  if constexpr (detail::has_validate<P>::value) p.validate(n, heads);
+void validate(P const& p, int n, int heads, bool read_pointers = true) {
+  if constexpr (detail::has_validate3<P>::value) p.validate(n, heads, read_pointers);
+  else if constexpr (detail::has_validate<P>::value) p.validate(n, heads);
 }
 
 /// True when P (once bound) satisfies the block-path contract.

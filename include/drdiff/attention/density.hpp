@@ -7,6 +7,8 @@
 #include <drdiff/attention/concepts.hpp>
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
 namespace attn {
@@ -17,9 +19,17 @@ template <class P>
 std::int64_t allowed_pairs(P const& p, int n, int heads = 1, int kv_len = -1) {
   if (kv_len < 0) kv_len = n;
   validate(p, n, heads);
-  std::int64_t total = 0;
+  using seg_t = decltype(segments_of(bind(p, n, 0), n));
+  std::int64_t total = 0, first_head = 0;
+  std::vector<std::int32_t> keep;
+  alignas(seg_t) unsigned char first[sizeof(seg_t)];  // head 0's bound pattern, bytes
   for (int h = 0; h < heads; ++h) {
-    auto const seg = segments_of(bind(p, n, h), n);
+    seg_t const seg = segments_of(bind(p, n, h), n);
+    if (h > 0 && std::memcmp(&seg, first, sizeof(seg)) == 0) {  // same pattern as head 0
+      total += first_head;
+      continue;
+    }
+    std::int64_t count = 0;
     for (int pass = 0; pass < seg.num_passes(); ++pass)
       for (int t = 0; t < seg.num_q_tiles(pass); ++t) {
         index_range const rows = seg.q_tile(pass, t);
@@ -27,13 +37,26 @@ std::int64_t allowed_pairs(P const& p, int n, int heads = 1, int kv_len = -1) {
         seg.for_each_segment(pass, t, [&](index_range keys, bool exact) {
           int const valid = keys.count_below(kv_len);
           if (exact) {
-            total += std::int64_t(valid) * rows.count;
+            count += std::int64_t(valid) * rows.count;
             return;
           }
-          for (int c = 0; c < valid; ++c)
-            for (int r = 0; r < rows.count; ++r) total += seg.owns(pass, rows[r], keys[c]) ? 1 : 0;
+          index_range const kr = keys.first(valid);
+          for (int r = 0; r < rows.count; ++r) {
+            if constexpr (detail::has_row_mask<seg_t, std::int32_t>::value) {
+              keep.resize(std::size_t(valid));
+              seg.row_mask(pass, rows[r], kr, keep.data());
+              for (int c = 0; c < valid; ++c) count += keep[c];
+            } else {
+              for (int c = 0; c < valid; ++c) count += seg.owns(pass, rows[r], kr[c]) ? 1 : 0;
+            }
+          }
         });
       }
+    if (h == 0) {
+      first_head = count;
+      std::memcpy(first, &seg, sizeof(seg));
+    }
+    total += count;
   }
   return total;
 }

@@ -127,7 +127,7 @@ struct pattern {
       if (p == 0) return pass_kind::window_band;
       --p;
     }
-    if (p < num_dilations) {
+    if (p >= 0 && p < num_dilations) {
       if (component) *component = p;
       return pass_kind::dilated;
     }
@@ -185,6 +185,18 @@ struct pattern {
         return in_dilation(c, i, j) && !in_window(i, j) && !in_any_dilation(i, j, c) && !is_global(i);
       default:
         return is_global(j) && !in_window(i, j) && !in_any_dilation(i, j) && !is_global(i);
+    }
+  }
+  /// `owns` for a key j taken from a segment of pass kind k (component c) and a row i that is not
+  /// global: the checks the segment already guarantees (phase, global key) are skipped. Kernels
+  /// hoist kind() and is_global(i) out of their element loops and call this.
+  DRDIFF_HOST_DEVICE constexpr bool owns_segment_key(pass_kind k, int c, int i, int j) const noexcept {
+    int const d = i > j ? i - j : j - i;
+    switch (k) {
+      case pass_kind::window_band: return d <= window;
+      case pass_kind::dilated: return d > window && d <= dil[c].span && (c == 0 || !in_any_dilation(i, j, c));
+      case pass_kind::global_keys: return d > window && !in_any_dilation(i, j);
+      default: return true;
     }
   }
   /// Calls `f(index_range keys, bool exact)` for the key segments of tile t of pass p, in increasing

@@ -15,7 +15,9 @@ struct dense {
     return u;
   }
   DRDIFF_HOST_DEVICE constexpr pattern bind(int n, int head) const noexcept { return to_union().bind(n, head); }
-  void validate(int n, int heads) const { to_union().validate(n, heads); }
+  void validate(int n, int heads, bool read_pointers = true) const {
+    to_union().validate(n, heads, read_pointers);
+  }
 };
 
 }  // namespace attn

@@ -76,7 +76,7 @@ struct hsa {
   DRDIFF_HOST_DEVICE constexpr pattern bind(int n, int head) const noexcept {
     return tier_union(tier_index(n)).bind(n, head);
   }
-  void validate(int n, int heads) const {
+  void validate(int n, int heads, bool read_pointers = true) const {
     DRDIFF_CHECK(num_tiers >= 1 && num_tiers <= max_tiers, "hsa: num_tiers = ", num_tiers, " must be in 1..",
                  max_tiers);
     for (int i = 1; i < num_tiers; ++i)
@@ -87,7 +87,7 @@ struct hsa {
     int const k = tier_index(n);
     DRDIFF_CHECK(tiers[k].dense || tiers[k].window >= 0, "hsa: tier ", k, " local window w = ", tiers[k].window,
                  " must be >= 0");
-    tier_union(k).validate(n, heads);
+    tier_union(k).validate(n, heads, read_pointers);
   }
 };
 

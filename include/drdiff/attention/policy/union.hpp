@@ -40,8 +40,9 @@ struct global_spec {
 };
 
 namespace detail {
-/// Checks a global spec for sequence length n; `who` names the policy in messages.
-inline void validate_globals(global_spec const& g, int n, char const* who) {
+/// Checks a global spec for sequence length n; `who` names the policy in messages. The list's
+/// entries are read only when `read_list` (false when the list lives in device memory).
+inline void validate_globals(global_spec const& g, int n, char const* who, bool read_list) {
   if (g.rule == global_rule::none) return;
   int const cnt = g.resolve(n);
   DRDIFF_CHECK(g.count >= 0, who, ": global token count G = ", g.count, " must be >= 0");
@@ -51,6 +52,7 @@ inline void validate_globals(global_spec const& g, int n, char const* who) {
   DRDIFF_CHECK(cnt <= n, who, ": global token count G = ", cnt, " exceeds the sequence length N = ", n);
   if (g.rule == global_rule::list) {
     DRDIFF_CHECK(g.list != nullptr || cnt == 0, who, ": global token list is null but G = ", cnt);
+    if (!read_list) return;
     for (int i = 0; i < cnt; ++i) {
       DRDIFF_CHECK(g.list[i] >= 0 && g.list[i] < n, who, ": global token list[", i, "] = ", g.list[i],
                    " is outside [0, N = ", n, ")");
@@ -98,7 +100,9 @@ struct sparse_union {
   }
 
   /// Throws drdiff::error naming the parameter when the union is not valid for (n, heads).
-  void validate(int n, int heads) const {
+  /// Per-head rate arrays are always read (they are host memory: binding happens on the host); the
+  /// global list only when `read_pointers` (the CUDA backend passes false: its list is on the device).
+  void validate(int n, int heads, bool read_pointers = true) const {
     DRDIFF_CHECK(n > 0, "attention policy: sequence length N = ", n, " must be > 0");
     DRDIFF_CHECK(!has_window || window >= 0, "local_window: half-width w = ", window, " must be >= 0");
     DRDIFF_CHECK(num_dilations >= 0 && num_dilations <= max_dilations, "sparse_union: ", num_dilations,
@@ -114,7 +118,7 @@ struct sparse_union {
                        " must be >= 1");
       }
     }
-    detail::validate_globals(globals, n, "global_tokens");
+    detail::validate_globals(globals, n, "global_tokens", read_pointers);
   }
 };
 

@@ -1,0 +1,225 @@
+#pragma once
+/// \file
+/// CUDA backend of drdiff::attention: element types __nv_bfloat16 and __half (tensor cores,
+/// head_dim 64 or 128) and float (SIMT, every supported head_dim; meant for testing).
+///
+/// The policy is bound on the host for each head (per-head dilation rates are host memory; a
+/// global-token list must be device memory). Passes run as launches on ctx.stream in an order that
+/// keeps the running state of a row in one place: first the passes over ordinary rows (window,
+/// dilations, global keys; the state lives in the workspace between them, in fp32), then the
+/// global rows, split across key ranges and merged by log-sum-exp. A pattern of one pass (dense, a
+/// window alone) needs no state at all. Nothing is allocated: the workspace is the caller's.
+
+#include <drdiff/attention/attention.hpp>
+#include <drdiff/attention/block_segments.hpp>
+#include <drdiff/attention/policies.hpp>
+#include <drdiff/cuda/error.cuh>
+#include <drdiff/cuda/kernels/attention.cuh>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+DRDIFF_NAMESPACE_BEGIN
+namespace detail {
+
+template <class T>
+inline constexpr bool is_cuda_attention_type_v =
+    std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+/// Keys per split of a global-row pass: at least 2048, and at most 64 splits.
+inline int cuda_split_keys(int n) { return std::max(2048, (n + 63) / 64); }
+
+template <class T>
+struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
+  static constexpr bool tensor_cores = !std::is_same_v<T, float>;
+  static constexpr int tile_rows = tensor_cores ? 16 * cuda_attention_warps : 64;
+
+  template <class Policy>
+  using seg_t = decltype(attn::segments_of(std::declval<attn::bound_t<Policy> const&>(), 0));
+
+  /// What a call will launch: the bound policy per head and the order and kind of its passes.
+  template <class Policy>
+  struct plan {
+    std::vector<seg_t<Policy>> heads;
+    bool shared = true;               // every head binds to the same policy
+    std::vector<int> plain, split;    // passes over ordinary rows, key-split passes (global rows)
+    int split_keys = 0, splits = 0, part_rows = 0;
+    std::size_t state_floats = 0, part_floats = 0;
+
+    std::size_t bytes() const { return (state_floats + part_floats) * sizeof(float) + 256; }
+  };
+
+  template <class Policy>
+  static plan<Policy> make_plan(Policy const& policy, attention_args<T> const& a) {
+    plan<Policy> pl;
+    for (int h = 0; h < a.heads; ++h) {
+      auto bound = attn::bind(policy, a.seq, h);
+      if constexpr (std::is_same_v<decltype(bound), attn::pattern>) bound.tile = tile_rows;
+      pl.heads.push_back(attn::segments_of(bound, a.seq));
+      if (h > 0 && std::memcmp(&pl.heads[h], &pl.heads[0], sizeof(pl.heads[0])) != 0) pl.shared = false;
+    }
+    int const passes = pl.heads[0].num_passes();
+    for (auto const& s : pl.heads)
+      DRDIFF_CHECK(s.num_passes() == passes, "attention (cuda): heads bind to patterns with different pass counts ",
+                   passes, " and ", s.num_passes(), " (per-head parameters must keep the pattern's components)");
+    for (int p = 0; p < passes; ++p) {
+      bool is_split = false;
+      if constexpr (std::is_same_v<seg_t<Policy>, attn::pattern>)
+        is_split = pl.heads[0].kind(p) == attn::pass_kind::global_rows;
+      (is_split ? pl.split : pl.plain).push_back(p);
+    }
+    std::size_t const rows = std::size_t(a.batch) * a.heads * a.seq;
+    if (pl.plain.size() > 1) pl.state_floats = rows * (2 + std::size_t(a.head_dim));
+    if (!pl.split.empty()) {
+      pl.split_keys = cuda_split_keys(a.seq);
+      pl.splits = (a.seq + pl.split_keys - 1) / pl.split_keys;
+      for (int p : pl.split)
+        for (auto const& s : pl.heads) pl.part_rows = std::max(pl.part_rows, s.num_q_tiles(p) * tile_rows);
+      pl.part_floats = std::size_t(pl.splits) * a.batch * a.heads * pl.part_rows * (2 + std::size_t(a.head_dim));
+    }
+    return pl;
+  }
+
+  static void check(attention_args<T> const& a) {
+    validate(a, /*host_lens=*/false);
+    if constexpr (tensor_cores) {
+      DRDIFF_CHECK(a.head_dim == 64 || a.head_dim == 128, "attention (cuda): head_dim = ", a.head_dim,
+                   " is not supported for 16-bit types (64, 128)");
+      auto aligned = [](void const* ptr, tensor_strides const& s) {
+        return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && s.batch % 8 == 0 && s.seq % 8 == 0 &&
+               s.head % 8 == 0;
+      };
+      DRDIFF_CHECK(aligned(a.q, a.q_strides), "attention (cuda): q must be 16-byte aligned with strides that are "
+                   "multiples of 8 elements");
+      DRDIFF_CHECK(aligned(a.k, a.k_strides), "attention (cuda): k must be 16-byte aligned with strides that are "
+                   "multiples of 8 elements");
+      DRDIFF_CHECK(aligned(a.v, a.v_strides), "attention (cuda): v must be 16-byte aligned with strides that are "
+                   "multiples of 8 elements");
+      DRDIFF_CHECK(reinterpret_cast<std::uintptr_t>(a.o) % 4 == 0 && a.o_strides.seq % 2 == 0 &&
+                       a.o_strides.head % 2 == 0 && a.o_strides.batch % 2 == 0,
+                   "attention (cuda): o must be 4-byte aligned with even strides");
+    }
+  }
+
+  template <class Policy>
+  static std::size_t workspace_bytes(context<cuda> const&, Policy const& policy, attention_args<T> const& a) {
+    check(a);
+    attn::validate(policy, a.seq, a.heads, /*read_pointers=*/false);
+    return make_plan(policy, a).bytes();
+  }
+
+  template <int D, class Seg>
+  static void launch(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream) {
+    if constexpr (tensor_cores) {
+      constexpr int smem = (tile_rows + 4 * 64) * D * int(sizeof(T));
+      // Per call: the attribute belongs to the current device, and setting it costs microseconds.
+      DRDIFF_CUDA_CHECK(cudaFuncSetAttribute(attention_mma_kernel<T, D, Seg>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      attention_mma_kernel<T, D, Seg><<<grid, 32 * cuda_attention_warps, smem, stream>>>(prm);
+    } else {
+      attention_simt_kernel<T, Seg><<<grid, 64, 2 * 16 * prm.dim * sizeof(float), stream>>>(prm);
+    }
+    DRDIFF_CUDA_CHECK(cudaGetLastError());
+  }
+
+  template <class Seg>
+  static void launch_dim(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream) {
+    if constexpr (tensor_cores) {
+      if (prm.dim == 64) launch<64>(prm, grid, stream);
+      else launch<128>(prm, grid, stream);
+    } else {
+      launch<0>(prm, grid, stream);
+    }
+  }
+
+  template <class Policy>
+  static void run(context<cuda> const& ctx, Policy const& policy, attention_args<T> const& a, void* workspace,
+                  std::size_t workspace_size) {
+    check(a);
+    attn::validate(policy, a.seq, a.heads, /*read_pointers=*/false);
+    auto const pl = make_plan(policy, a);
+    std::size_t const need = pl.bytes();
+    DRDIFF_CHECK(workspace != nullptr || pl.state_floats + pl.part_floats == 0,
+                 "attention (cuda): this policy needs ", need, " bytes of workspace; pass a device buffer of "
+                 "attention_workspace_bytes() bytes");
+    DRDIFF_CHECK(workspace == nullptr || workspace_size >= need, "attention (cuda): workspace_bytes = ",
+                 workspace_size, " is smaller than the ", need, " bytes attention_workspace_bytes() asks for");
+    if (ctx.device >= 0) DRDIFF_CUDA_CHECK(cudaSetDevice(ctx.device));
+    auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
+
+    using Seg = seg_t<Policy>;
+    cuda_attention_params<T, Seg> prm{};
+    prm.batch = a.batch; prm.seq = a.seq; prm.heads = a.heads; prm.dim = a.head_dim;
+    prm.q = a.q; prm.k = a.k; prm.v = a.v; prm.o = a.o;
+    prm.qs = a.q_strides; prm.ks = a.k_strides; prm.vs = a.v_strides; prm.os = a.o_strides;
+    prm.lse = a.maybe_lse;
+    prm.kv_lens = a.maybe_kv_lens;
+    prm.scale_log2 = float(a.scale() * 1.4426950408889634);
+    prm.tile_rows = tile_rows;
+    auto const base = (reinterpret_cast<std::uintptr_t>(workspace) + 255) / 256 * 256;
+    float* const ws = reinterpret_cast<float*>(base);
+    std::size_t const rows = std::size_t(a.batch) * a.heads * a.seq;
+    if (pl.state_floats) {
+      prm.st_m = ws;
+      prm.st_l = ws + rows;
+      prm.st_acc = ws + 2 * rows;
+    }
+    if (pl.part_floats) {
+      std::size_t const pr = std::size_t(pl.splits) * a.batch * a.heads * pl.part_rows;
+      prm.part_m = ws + pl.state_floats;
+      prm.part_l = prm.part_m + pr;
+      prm.part_acc = prm.part_l + pr;
+      prm.part_rows = pl.part_rows;
+    }
+
+    // Heads in groups that fit the launch's table (one group when every head shares the policy).
+    int const group = pl.shared ? a.heads : cuda_table_heads;
+    for (int h0 = 0; h0 < a.heads; h0 += group) {
+      int const hn = std::min(group, a.heads - h0);
+      prm.head0 = h0;
+      prm.heads_in_launch = hn;
+      prm.table_size = pl.shared ? 1 : hn;
+      for (int i = 0; i < prm.table_size; ++i) prm.table[i] = pl.heads[h0 + i];
+      auto tiles = [&](int p) {
+        int m = 0;
+        for (int i = 0; i < hn; ++i) m = std::max(m, pl.heads[h0 + i].num_q_tiles(p));
+        return m;
+      };
+      for (std::size_t i = 0; i < pl.plain.size(); ++i) {
+        int const p = pl.plain[i];
+        prm.pass = p;
+        prm.first = i == 0;
+        prm.last = i + 1 == pl.plain.size();
+        prm.split_keys = 0;
+        int const nt = tiles(p);
+        if (nt > 0) launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream);
+      }
+      for (int p : pl.split) {
+        prm.pass = p;
+        prm.first = prm.last = 1;
+        prm.split_keys = pl.split_keys;
+        int const nt = tiles(p);
+        if (nt == 0) continue;
+        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), unsigned(pl.splits)), stream);
+        attention_merge_kernel<T, Seg><<<dim3(unsigned(nt * tile_rows), unsigned(a.batch * hn)), 128, 0, stream>>>(
+            prm, pl.splits);
+        DRDIFF_CUDA_CHECK(cudaGetLastError());
+      }
+    }
+#ifdef DRDIFF_DEBUG_SYNC
+    DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
+  }
+};
+
+}  // namespace detail
+DRDIFF_NAMESPACE_END

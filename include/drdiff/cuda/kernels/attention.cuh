@@ -1,0 +1,505 @@
+#pragma once
+/// \file
+/// CUDA attention kernels. One CTA runs one query tile of one pass of one (batch, head): it collects
+/// the tile's key segments (the policy's visitor, run by one thread), then walks them in chunks of
+/// 64 keys with the online softmax. 16-bit types use tensor cores (mma.sync m16n8k16, ldmatrix,
+/// cp.async double buffering); fp32 runs a SIMT kernel meant for testing. Global-row passes are
+/// split across key ranges and merged by log-sum-exp.
+
+#include <drdiff/attention/args.hpp>
+#include <drdiff/attention/index_range.hpp>
+#include <drdiff/attention/pattern.hpp>
+#include <drdiff/cuda/config.cuh>
+#include <drdiff/cuda/detail/mma.cuh>
+
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <type_traits>
+
+DRDIFF_NAMESPACE_BEGIN
+namespace detail {
+
+/// Bound policies passed to one launch: one shared by every head, or one per head.
+inline constexpr int cuda_table_heads = 16;
+
+#ifndef DRDIFF_CUDA_ATTENTION_WARPS
+#define DRDIFF_CUDA_ATTENTION_WARPS 4
+#endif
+/// Warps of the tensor-core kernel; each owns 16 query rows of the tile.
+inline constexpr int cuda_attention_warps = DRDIFF_CUDA_ATTENTION_WARPS;
+
+template <class T, class Seg>
+struct cuda_attention_params {
+  using lse_t = typename attention_args<T>::lse_type;
+  Seg table[cuda_table_heads];
+  int table_size = 1;  ///< 1: table[0] for all heads; else heads head0 .. head0 + table_size − 1
+  int head0 = 0;
+  int heads_in_launch = 1;
+  int tile_rows = 64;  ///< query rows per tile (the bound pattern's `tile`)
+  int pass = 0;
+  int first = 1, last = 1;  ///< first pass of its rows (fresh state) / last one (write O and lse)
+  int batch = 0, seq = 0, heads = 0, dim = 0;
+  T const* q = nullptr;
+  T const* k = nullptr;
+  T const* v = nullptr;
+  T* o = nullptr;
+  tensor_strides qs{}, ks{}, vs{}, os{};
+  lse_t* lse = nullptr;
+  int const* kv_lens = nullptr;
+  float scale_log2 = 0.f;  ///< softmax scale · log2(e): scores are kept in base 2
+  float* st_m = nullptr;   ///< running state between passes: [batch·heads·seq] (base-2 max)
+  float* st_l = nullptr;
+  float* st_acc = nullptr;  ///< [batch·heads·seq·dim]
+  int split_keys = 0;       ///< > 0: blockIdx.z covers keys [z·split_keys, (z+1)·split_keys)
+  int part_rows = 0;        ///< rows of the split pass per (batch, head)
+  float* part_m = nullptr;  ///< [splits][batch·heads][part_rows]
+  float* part_l = nullptr;
+  float* part_acc = nullptr;  ///< [splits][batch·heads][part_rows][dim]
+};
+
+struct cuda_segment {
+  attn::index_range keys;
+  int exact;
+  int chunks;
+};
+
+inline constexpr int cuda_segment_batch = 32;
+
+/// Collects segments number skip .. skip + 31 of a tile, clipped to keys [lo, hi).
+struct cuda_segment_collector {
+  cuda_segment* out;
+  int* n_out;
+  int* seen;
+  int skip, lo, hi, chunk;
+  __device__ void operator()(attn::index_range keys, bool exact) const {
+    int const a = lo <= 0 ? 0 : keys.count_below(lo);
+    int const b = keys.count_below(hi);
+    if (b <= a) return;
+    int const idx = (*seen)++;
+    if (idx < skip || idx >= skip + cuda_segment_batch) return;
+    out[idx - skip] = cuda_segment{keys.sub(a, b - a), exact ? 1 : 0, (b - a + chunk - 1) / chunk};
+    ++*n_out;
+  }
+};
+
+template <class P>
+__device__ inline void cuda_bh(P const& p, int& b, int& h) {
+  b = blockIdx.y / p.heads_in_launch;
+  h = p.head0 + blockIdx.y % p.heads_in_launch;
+}
+
+/// Where the running state of (batch, head, row) lives: the split partials or the pass state.
+template <class P>
+__device__ inline std::int64_t cuda_state_row(P const& p, int b, int h, int row, int part_row) {
+  if (p.split_keys > 0)
+    return (std::int64_t(blockIdx.z) * p.batch * p.heads + std::int64_t(b) * p.heads + h) * p.part_rows + part_row;
+  return (std::int64_t(b) * p.heads + h) * p.seq + row;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core kernel: `cuda_attention_warps` warps × 16 query rows, chunks of 64 keys, head_dim D
+// (64 or 128).
+
+template <class T, int D, class Seg>
+__global__ void __launch_bounds__(32 * cuda_attention_warps)
+    attention_mma_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
+  constexpr int BM = 16 * cuda_attention_warps, BN = 64, CH = D / 8, NT = 32 * cuda_attention_warps;
+  using ops = mma16<T>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const sq = reinterpret_cast<T*>(smem_raw);
+  T* const sk = sq + BM * D;       // two stages of BN × D
+  T* const sv = sk + 2 * BN * D;   // two stages of BN × D
+  __shared__ __align__(16) unsigned char segs_raw[sizeof(cuda_segment) * cuda_segment_batch];
+  auto* const segs = reinterpret_cast<cuda_segment*>(segs_raw);  // (index_range has a constructor)
+  __shared__ int n_segs, seen;
+  __shared__ int seg_start[cuda_segment_batch + 1];
+  __shared__ int kidx[2][BN];
+
+  int b, h;
+  cuda_bh(p, b, h);
+  Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
+  int const t = blockIdx.x, pass = p.pass;
+  attn::index_range const all_rows = seg.q_tile(pass, t);
+  if (all_rows.count <= 0) return;
+  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  int const key_lo = p.split_keys > 0 ? int(blockIdx.z) * p.split_keys : 0;
+  int const key_hi = p.split_keys > 0 ? min(L, key_lo + p.split_keys) : L;
+  int const tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  int comp = 0;
+  attn::pass_kind kind = attn::pass_kind::dense_rows;
+  if constexpr (std::is_same_v<Seg, attn::pattern>) kind = seg.kind(pass, &comp);
+  T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
+  T const* const kb = p.k + b * p.ks.batch + h * p.ks.head;
+  T const* const vb = p.v + b * p.vs.batch + h * p.vs.head;
+  auto swz = [](int r, int c) { return r * D + ((c ^ (r & 7)) << 3); };
+
+  for (int r0 = 0; r0 < all_rows.count; r0 += BM) {
+    attn::index_range const rows = all_rows.sub(r0, min(BM, all_rows.count - r0));
+    int const cnt = rows.count;
+    // This thread's two rows (fragment rows g and g + 8 of its warp).
+    int const lr[2] = {warp * 16 + g, warp * 16 + g + 8};
+    int row_id[2];
+    bool row_live[2];  // a row of the tile that this pass may own keys for
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      row_id[x] = lr[x] < cnt ? rows[lr[x]] : 0;
+      row_live[x] = lr[x] < cnt;
+      if constexpr (std::is_same_v<Seg, attn::pattern>)
+        row_live[x] = row_live[x] && (kind == attn::pass_kind::global_rows || !seg.is_global(row_id[x]));
+    }
+    float m[2], l[2], acc[D / 8][4];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      m[x] = -INFINITY;
+      l[x] = 0.f;
+      if (!p.first && lr[x] < cnt) {
+        std::int64_t const sr = cuda_state_row(p, b, h, rows[lr[x]], t * BM + r0 + lr[x]);
+        m[x] = p.st_m[sr];
+        l[x] = tig == 0 ? p.st_l[sr] : 0.f;
+      }
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int const x = e / 2;
+        acc[dt][e] = 0.f;
+        if (!p.first && lr[x] < cnt) {
+          std::int64_t const sr = cuda_state_row(p, b, h, rows[lr[x]], t * BM + r0 + lr[x]);
+          acc[dt][e] = p.st_acc[sr * D + dt * 8 + tig * 2 + (e & 1)];
+        }
+      }
+    }
+
+    // Query rows → shared memory.
+    for (int idx = tid; idx < BM * CH; idx += NT) {
+      int const r = idx / CH, c = idx % CH;
+      bool const ok = r < cnt;
+      T const* src = ok ? qb + rows[r] * p.qs.seq + c * 8 : qb;
+      cp_async_16(sq + swz(r, c), src, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    bool q_ready = false;
+    unsigned qf[D / 16][4];
+
+    for (int skip = 0;; skip += cuda_segment_batch) {
+      if (tid == 0) {
+        n_segs = 0;
+        seen = 0;
+        seg.for_each_segment(pass, t, cuda_segment_collector{segs, &n_segs, &seen, skip, key_lo, key_hi, BN});
+        int acc_keys = 0;  // the segments form one stream of keys, cut into chunks of BN
+        for (int s = 0; s < n_segs; ++s) {
+          seg_start[s] = acc_keys;
+          acc_keys += segs[s].keys.count;
+        }
+        seg_start[n_segs] = acc_keys;
+      }
+      __syncthreads();
+      int const ns = n_segs;
+      bool const more = seen > skip + cuda_segment_batch;
+      int const total_keys = seg_start[ns];
+      int const total = (total_keys + BN - 1) / BN;
+
+      // Chunk c: keys c·BN .. of the stream; their indices go to kidx[stage] for the mask.
+      auto load_chunk = [&](int stage, int c) {
+        T* const dk = sk + stage * BN * D;
+        T* const dv = sv + stage * BN * D;
+        for (int idx = tid; idx < BN * CH; idx += NT) {
+          int const r = idx / CH, ch = idx % CH, gk = c * BN + r;
+          bool const ok = gk < total_keys;
+          int j = 0;
+          if (ok) {
+            int s = 0;
+            while (seg_start[s + 1] <= gk) ++s;
+            j = segs[s].keys[gk - seg_start[s]];
+          }
+          if (ch == 0) kidx[stage][r] = ok ? j : -1;
+          cp_async_16(dk + swz(r, ch), ok ? kb + std::int64_t(j) * p.ks.seq + ch * 8 : kb, ok ? 16 : 0);
+          cp_async_16(dv + swz(r, ch), ok ? vb + std::int64_t(j) * p.vs.seq + ch * 8 : vb, ok ? 16 : 0);
+        }
+      };
+      // A chunk needs no mask when it is full and every segment it touches is exact.
+      auto chunk_exact = [&](int c) {
+        int const k0 = c * BN, k1 = k0 + BN;
+        if (k1 > total_keys) return false;
+        for (int s = 0; s < ns; ++s)
+          if (seg_start[s] < k1 && seg_start[s + 1] > k0 && !segs[s].exact) return false;
+        return true;
+      };
+      if (total > 0) load_chunk(0, 0);
+      cp_async_commit();
+      for (int c = 0; c < total; ++c) {
+        if (c + 1 < total) load_chunk((c + 1) & 1, c + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (!q_ready) {
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk)
+            ldmatrix_x4(qf[kk], sq + swz(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+          q_ready = true;
+        }
+        bool const exact = chunk_exact(c);
+        int const* const keys = kidx[c & 1];
+        T const* const ck = sk + (c & 1) * BN * D;
+        T const* const cv = sv + (c & 1) * BN * D;
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+          for (int np = 0; np < BN / 16; ++np) {
+            unsigned bf[4];
+            ldmatrix_x4(bf, ck + swz(np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
+            ops::mma(s[2 * np], qf[kk], bf[0], bf[1]);
+            ops::mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+          }
+        // Scale to base 2, mask, running max.
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int const x = e / 2, col = nt * 8 + tig * 2 + (e & 1);
+            float v = s[nt][e] * p.scale_log2;
+            if (!exact) {
+              int const j = keys[col];
+              bool ok = j >= 0 && row_live[x];
+              if constexpr (std::is_same_v<Seg, attn::pattern>) {
+                ok = ok && seg.owns_segment_key(kind, comp, row_id[x], j);
+              } else {
+                ok = ok && seg.owns(pass, row_id[x], j);
+              }
+              if (!ok) v = -INFINITY;
+            }
+            s[nt][e] = v;
+            mx[x] = fmaxf(mx[x], v);
+          }
+        float alpha[2];
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], 1));
+          mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], 2));
+          float const m_new = fmaxf(m[x], mx[x]);
+          alpha[x] = m_new == -INFINITY ? 1.f : fast_exp2(m[x] - m_new);
+          mx[x] = m_new == -INFINITY ? 0.f : m_new;  // subtrahend for exp2 (all −inf rows give 0)
+          m[x] = m_new;
+          l[x] *= alpha[x];
+        }
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float const pv = fast_exp2(s[nt][e] - mx[e / 2]);
+            s[nt][e] = pv;
+            l[e / 2] += pv;
+          }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc[dt][0] *= alpha[0];
+          acc[dt][1] *= alpha[0];
+          acc[dt][2] *= alpha[1];
+          acc[dt][3] *= alpha[1];
+        }
+        // O += P · V.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          unsigned const pa[4] = {ops::pack(s[2 * kk][0], s[2 * kk][1]), ops::pack(s[2 * kk][2], s[2 * kk][3]),
+                                  ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+          for (int dp = 0; dp < D / 16; ++dp) {
+            unsigned bf[4];
+            ldmatrix_x4_trans(bf, cv + swz(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+            ops::mma(acc[2 * dp], pa, bf[0], bf[1]);
+            ops::mma(acc[2 * dp + 1], pa, bf[2], bf[3]);
+          }
+        }
+        __syncthreads();  // the stage is refilled next iteration
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      if (!more) break;
+    }
+
+    // Write back: the output (last pass) or the running state.
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+      l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      if (lr[x] >= cnt) continue;
+      int const row = rows[lr[x]];
+      if (p.last && p.split_keys == 0) {
+        float const inv = l[x] > 0.f ? 1.f / l[x] : 0.f;
+        T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+          ops::store2(o + dt * 8 + tig * 2, acc[dt][2 * x] * inv, acc[dt][2 * x + 1] * inv);
+        if (p.lse && tig == 0)
+          p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] =
+              l[x] > 0.f ? (m[x] + log2f(l[x])) * 0.69314718055994531f : -INFINITY;
+      } else {
+        std::int64_t const sr = cuda_state_row(p, b, h, row, t * BM + r0 + lr[x]);
+        float* const pm = p.split_keys > 0 ? p.part_m : p.st_m;
+        float* const pl = p.split_keys > 0 ? p.part_l : p.st_l;
+        float* const pa = p.split_keys > 0 ? p.part_acc : p.st_acc;
+        if (tig == 0) {
+          pm[sr] = m[x];
+          pl[sr] = l[x];
+        }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+          *reinterpret_cast<float2*>(pa + sr * D + dt * 8 + tig * 2) = make_float2(acc[dt][2 * x], acc[dt][2 * x + 1]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SIMT kernel (fp32, any supported head_dim): one thread per query row, keys staged 16 at a time.
+
+template <class T, class Seg>
+__global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
+  constexpr int BM = 64, BN = 16, DMAX = 256;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* const sk = reinterpret_cast<float*>(smem_raw);  // BN × dim
+  float* const sv = sk + BN * p.dim;
+  __shared__ __align__(16) unsigned char segs_raw[sizeof(cuda_segment) * cuda_segment_batch];
+  auto* const segs = reinterpret_cast<cuda_segment*>(segs_raw);  // (index_range has a constructor)
+  __shared__ int n_segs, seen;
+  __shared__ int key_idx[BN];
+
+  int b, h;
+  cuda_bh(p, b, h);
+  Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
+  int const t = blockIdx.x, pass = p.pass, D = p.dim, tid = threadIdx.x;
+  attn::index_range const all_rows = seg.q_tile(pass, t);
+  if (all_rows.count <= 0) return;
+  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  int const key_lo = p.split_keys > 0 ? int(blockIdx.z) * p.split_keys : 0;
+  int const key_hi = p.split_keys > 0 ? min(L, key_lo + p.split_keys) : L;
+  T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
+  T const* const kb = p.k + b * p.ks.batch + h * p.ks.head;
+  T const* const vb = p.v + b * p.vs.batch + h * p.vs.head;
+
+  for (int r0 = 0; r0 < all_rows.count; r0 += BM) {
+    attn::index_range const rows = all_rows.sub(r0, min(BM, all_rows.count - r0));
+    bool const active = tid < rows.count;
+    int const row = active ? rows[tid] : 0;
+    float q[DMAX], acc[DMAX];
+    float m = -INFINITY, l = 0.f;
+    std::int64_t const sr = cuda_state_row(p, b, h, row, t * BM + r0 + tid);
+    for (int d = 0; d < D; ++d) {
+      q[d] = active ? float(qb[std::int64_t(row) * p.qs.seq + d]) : 0.f;
+      acc[d] = active && !p.first ? p.st_acc[sr * D + d] : 0.f;
+    }
+    if (active && !p.first) {
+      m = p.st_m[sr];
+      l = p.st_l[sr];
+    }
+    for (int skip = 0;; skip += cuda_segment_batch) {
+      if (tid == 0) {
+        n_segs = 0;
+        seen = 0;
+        seg.for_each_segment(pass, t, cuda_segment_collector{segs, &n_segs, &seen, skip, key_lo, key_hi, BN});
+      }
+      __syncthreads();
+      int const ns = n_segs;
+      bool const more = seen > skip + cuda_segment_batch;
+      for (int s = 0; s < ns; ++s) {
+        cuda_segment const sg = segs[s];
+        for (int off = 0; off < sg.keys.count; off += BN) {
+          int const kc = min(BN, sg.keys.count - off);
+          attn::index_range const kr = sg.keys.sub(off, kc);
+          for (int idx = tid; idx < BN * D; idx += blockDim.x) {
+            int const r = idx / D, d = idx % D;
+            std::int64_t const j = r < kc ? kr[r] : 0;
+            sk[idx] = r < kc ? float(kb[j * p.ks.seq + d]) : 0.f;
+            sv[idx] = r < kc ? float(vb[j * p.vs.seq + d]) : 0.f;
+            if (d == 0) key_idx[r] = int(j);
+          }
+          __syncthreads();
+          if (active) {
+            for (int r = 0; r < kc; ++r) {
+              if (!sg.exact && !seg.owns(pass, row, key_idx[r])) continue;
+              float dot = 0.f;
+              for (int d = 0; d < D; ++d) dot += q[d] * sk[r * D + d];
+              float const sc = dot * p.scale_log2;
+              float const m_new = fmaxf(m, sc);
+              float const alpha = exp2f(m - m_new), pr = exp2f(sc - m_new);
+              l = l * alpha + pr;
+              for (int d = 0; d < D; ++d) acc[d] = acc[d] * alpha + pr * sv[r * D + d];
+              m = m_new;
+            }
+          }
+          __syncthreads();
+        }
+      }
+      if (!more) break;
+    }
+    if (!active) continue;
+    if (p.last && p.split_keys == 0) {
+      float const inv = l > 0.f ? 1.f / l : 0.f;
+      T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
+      for (int d = 0; d < D; ++d) o[d] = T(acc[d] * inv);
+      if (p.lse) p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] =
+                     l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    } else {
+      float* const pm = p.split_keys > 0 ? p.part_m : p.st_m;
+      float* const pl = p.split_keys > 0 ? p.part_l : p.st_l;
+      float* const pa = p.split_keys > 0 ? p.part_acc : p.st_acc;
+      pm[sr] = m;
+      pl[sr] = l;
+      for (int d = 0; d < D; ++d) pa[sr * D + d] = acc[d];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Merge of the key-split partial states of a pass (global rows): one block per (row, batch·head).
+
+template <class T, class Seg>
+__global__ void attention_merge_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p, int splits) {
+  int const pr = blockIdx.x;  // row of the split pass
+  int b, h;
+  cuda_bh(p, b, h);
+  Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
+  int const t = pr / p.tile_rows, r = pr % p.tile_rows;
+  attn::index_range const rows = seg.q_tile(p.pass, t);
+  if (r >= rows.count) return;
+  int const row = rows[r];
+  std::int64_t const bh = std::int64_t(b) * p.heads + h;
+  auto at = [&](int z) { return (std::int64_t(z) * p.batch * p.heads + bh) * p.part_rows + pr; };
+  float mx = -INFINITY;
+  for (int z = 0; z < splits; ++z) mx = fmaxf(mx, p.part_m[at(z)]);
+  float l = 0.f;
+  for (int z = 0; z < splits; ++z) {
+    float const mz = p.part_m[at(z)];
+    if (mz != -INFINITY) l += p.part_l[at(z)] * exp2f(mz - mx);
+  }
+  float const inv = l > 0.f ? 1.f / l : 0.f;
+  T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
+  for (int d = threadIdx.x; d < p.dim; d += blockDim.x) {
+    float a = 0.f;
+    for (int z = 0; z < splits; ++z) {
+      float const mz = p.part_m[at(z)];
+      if (mz != -INFINITY) a += p.part_acc[at(z) * p.dim + d] * exp2f(mz - mx);
+    }
+    o[d] = T(a * inv);
+  }
+  if (threadIdx.x == 0 && p.lse)
+    p.lse[bh * p.seq + row] = l > 0.f ? (mx + log2f(l)) * 0.69314718055994531f : -INFINITY;
+}
+
+}  // namespace detail
+DRDIFF_NAMESPACE_END

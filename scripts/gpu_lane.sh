@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU lane, run on the GPU machine (CUDA 13, cmake, Google Benchmark, PyTorch; no Eigen, no
+# Catch2, no registry). Carry the git-ignored .deps/ folder made here by scripts/gpu_deps.sh.
+#
+#   scripts/gpu_lane.sh [quick]
+#
+# Builds the CUDA tests and benchmarks (sm_90), runs the CUDA tests, compute-sanitizer memcheck and
+# racecheck on the attention tests, the attention benchmarks (JSON in $OUT or out/), the
+# side-by-side comparison with PyTorch (bench/compare/compare.py), and prints a short table.
+# `quick` skips the sanitizers and the PyTorch comparison.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+deps=$root/.deps
+out=${OUT:-$root/out}
+build=${DRDIFF_GPU_BUILD_DIR:-$root/build-gpu}
+mode=${1:-full}
+[ -d "$deps/include/catch2" ] || { echo "gpu_lane: no .deps/ (run scripts/gpu_deps.sh on the dev machine and carry .deps)" >&2; exit 1; }
+mkdir -p "$out"
+export LD_LIBRARY_PATH="$deps/lib/runtime:${LD_LIBRARY_PATH:-}"
+
+nvidia-smi -q > "$out/nvidia-smi.txt" 2>&1 || true
+nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$out/gpu.txt"
+
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
+cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.policy.cuda \
+  drdiff.bench.attention.cuda > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+
+status=0
+echo "== CUDA tests"
+(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.attention' ) | tail -5 || status=1
+if [ "$mode" != quick ]; then
+  echo "== compute-sanitizer"
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 "$build/test/drdiff.test.attention.cuda" \
+      "CUDA attention matches the reference for every pattern" > "$out/sanitizer_$tool.log" 2>&1 \
+      && echo "$tool: clean" || { echo "$tool: FAILED (see $out/sanitizer_$tool.log)"; status=1; }
+  done
+fi
+echo "== benchmarks"
+"$build/bench/drdiff.bench.attention.cuda" --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json \
+  > "$out/bench_cuda.txt" 2>&1 || status=1
+if [ "$mode" != quick ] && python3 -c "import torch" 2>/dev/null; then
+  echo "== PyTorch comparison"
+  python3 "$root/bench/compare/compare.py" --ours "$out/bench_cuda.json" | tee "$out/compare.txt" || status=1
+fi
+python3 "$root/bench/tables_cuda.py" "$out/bench_cuda.json" | tee "$out/table_cuda.md"
+exit $status

@@ -1,0 +1,192 @@
+// CUDA attention against the float64 reference (computed on the host from the same rounded
+// inputs), for every policy and tier, in bf16, fp16 and fp32. Outputs are poisoned before each run.
+
+#include <drdiff/cuda.cuh>
+#include <drdiff/cpu/attention_reference.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <climits>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "../support/user_policies.hpp"
+
+using namespace drdiff;
+
+namespace {
+
+template <class T>
+struct dbuf {
+  T* ptr = nullptr;
+  std::size_t n = 0;
+  explicit dbuf(std::size_t count) : n(count) { DRDIFF_CUDA_CHECK(cudaMalloc(&ptr, std::max<std::size_t>(1, n) * sizeof(T))); }
+  ~dbuf() { cudaFree(ptr); }
+  dbuf(dbuf const&) = delete;
+  void upload(std::vector<T> const& h) { DRDIFF_CUDA_CHECK(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice)); }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    DRDIFF_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+template <class T> T from_float(float x) { return T(x); }
+template <> __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+template <> __half from_float(float x) { return __float2half(x); }
+template <class T> float to_float(T x) { return float(x); }
+template <> float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> float to_float(__half x) { return __half2float(x); }
+
+template <class T>
+constexpr double tolerance() { return std::is_same_v<T, float> ? 1e-5 : 1e-2; }
+
+/// Runs `policy` on the GPU and the reference on the host; compares rows [r0, r1) of every
+/// (batch, head). `list` (host) is copied to the device when the policy uses an explicit global list.
+template <class T, class Policy, class RefPolicy>
+void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, int n, int heads, int dim,
+                  bool padded, int r0, int r1) {
+  static std::random_device rd;
+  unsigned const seed = rd();
+  INFO("seed " << seed << " batch " << batch << " N " << n << " heads " << heads << " D " << dim << " padded "
+               << padded);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::size_t const elems = std::size_t(batch) * n * heads * dim;
+  std::vector<T> hq(elems), hk(elems), hv(elems);
+  std::vector<float> fq(elems), fk(elems), fv(elems);
+  for (std::size_t i = 0; i < elems; ++i) {
+    hq[i] = from_float<T>(nd(rng)); fq[i] = to_float(hq[i]);
+    hk[i] = from_float<T>(nd(rng)); fk[i] = to_float(hk[i]);
+    hv[i] = from_float<T>(nd(rng)); fv[i] = to_float(hv[i]);
+  }
+  std::vector<int> lens;
+  if (padded) {
+    for (int b = 0; b < batch; ++b) lens.push_back(std::uniform_int_distribution<int>(1, n)(rng));
+    lens[0] = n;
+  }
+  dbuf<T> dq(elems), dk(elems), dv(elems), dout(elems);
+  dbuf<float> dlse(std::size_t(batch) * heads * n);
+  dbuf<int> dlens(lens.size());
+  dq.upload(hq); dk.upload(hk); dv.upload(hv);
+  if (padded) dlens.upload(lens);
+  DRDIFF_CUDA_CHECK(cudaMemset(dout.ptr, 0xff, elems * sizeof(T)));  // NaN in every type
+  DRDIFF_CUDA_CHECK(cudaMemset(dlse.ptr, 0xff, dlse.n * sizeof(float)));
+
+  auto a = make_attention_args<T>(dq.ptr, dk.ptr, dv.ptr, dout.ptr, batch, n, heads, dim);
+  a.maybe_lse = reinterpret_cast<typename attention_args<T>::lse_type*>(dlse.ptr);
+  a.maybe_kv_lens = padded ? dlens.ptr : nullptr;
+  context<cuda> const ctx{};
+  std::size_t const ws_bytes = attention_workspace_bytes(ctx, policy, a);
+  dbuf<unsigned char> ws(ws_bytes);
+  attention(ctx, policy, a, ws.ptr, ws_bytes);
+  DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
+  auto const out = dout.download();
+  auto const lse = dlse.download();
+
+  std::vector<float> o_ref(elems, std::nanf("")), lse_ref(dlse.n, std::nanf(""));
+  auto r = make_attention_args<float>(fq.data(), fk.data(), fv.data(), o_ref.data(), batch, n, heads, dim);
+  r.maybe_lse = lse_ref.data();
+  r.maybe_kv_lens = padded ? lens.data() : nullptr;
+  if (r1 < 0) r1 = n;
+  attention_reference(ref_policy, r, r0, r1);
+
+  double worst = 0, worst_lse = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h) {
+      double diff = 0, ref = 0;
+      for (int i = r0; i < r1; ++i) {
+        std::size_t const base = ((std::size_t(b) * n + i) * heads + h) * dim;
+        for (int d = 0; d < dim; ++d) {
+          double const x = to_float(out[base + d]), y = o_ref[base + d];
+          if (std::isnan(x)) {
+            FAIL("NaN at batch " << b << " head " << h << " row " << i << " dim " << d);
+          }
+          diff = std::max(diff, std::abs(x - y));
+          ref = std::max(ref, std::abs(y));
+        }
+        std::size_t const li = (std::size_t(b) * heads + h) * n + i;
+        double const x = lse[li], y = lse_ref[li];
+        if (std::isnan(x)) FAIL("lse NaN at batch " << b << " head " << h << " row " << i);
+        if (!(std::isinf(x) && std::isinf(y))) worst_lse = std::max(worst_lse, std::abs(x - y) / std::max(1.0, std::abs(y)));
+      }
+      worst = std::max(worst, diff / std::max(ref, 1e-30));
+    }
+  INFO("relative error " << worst << ", lse error " << worst_lse);
+  REQUIRE(worst <= tolerance<T>());
+  REQUIRE(worst_lse <= tolerance<T>());
+}
+
+template <class T, class Policy>
+void compare(Policy const& policy, int batch, int n, int heads, int dim, bool padded = false, int r0 = 0,
+             int r1 = -1) {
+  compare_with<T>(policy, policy, batch, n, heads, dim, padded, r0, r1);
+}
+
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("CUDA attention matches the reference for every pattern", "[attention][cuda]", __nv_bfloat16,
+                   __half, float) {
+  int const d = 64;
+  compare<TestType>(attn::dense{}, 2, 200, 2, d);
+  compare<TestType>(attn::local_window{16}, 1, 300, 2, d);
+  compare<TestType>(attn::local_window{500}, 1, 130, 1, d);  // N < w
+  compare<TestType>(attn::dilated{4, 100}, 1, 333, 2, d);
+  compare<TestType>(attn::dilated{1, 20}, 1, 150, 1, d);
+  int const rates[] = {1, 3, 8};
+  compare<TestType>(attn::dilated{2, 90, rates}, 1, 211, 3, d);  // per-head dilation
+  compare<TestType>(attn::global_tokens::first(5), 1, 100, 2, d);
+  compare<TestType>(attn::global_tokens::strided(7), 1, 300, 1, d);
+  compare<TestType>(attn::global_tokens::first(70), 1, 70, 1, d);  // G = N
+  compare<TestType>(attn::local_window{12} | attn::dilated{3, 60} | attn::dilated{5, 100} |
+                        attn::global_tokens::first(4), 2, 257, 2, d);
+  compare<TestType>(attn::local_window{8} | attn::global_tokens::strided(9), 3, 190, 2, d, true);
+  compare<TestType>(test::documents{}, 2, 150, 2, d);
+}
+
+TEMPLATE_TEST_CASE("CUDA attention with an explicit global list in device memory", "[attention][cuda]",
+                   __nv_bfloat16, float) {
+  std::vector<int> const list = {2, 40, 41, 200, 511};
+  dbuf<int> d_list(list.size());
+  d_list.upload(list);
+  auto const u = attn::local_window{12} | attn::dilated{3, 60} |
+                 attn::global_tokens::explicit_list(d_list.ptr, int(list.size()));
+  // The reference reads the list on the host: it gets the same policy over a host copy.
+  auto const h = attn::local_window{12} | attn::dilated{3, 60} |
+                 attn::global_tokens::explicit_list(list.data(), int(list.size()));
+  compare_with<TestType>(u, h, 2, 600, 2, 64, true, 0, -1);
+}
+
+TEMPLATE_TEST_CASE("every hsa tier on CUDA, head_dim 64 and 128, padded batches", "[attention][hsa][cuda]",
+                   __nv_bfloat16, float) {
+  auto const h = test::small_tiers();
+  for (int n : {40, 65, 200, 256, 500, 601, 1111}) compare<TestType>(h, 1, n, 2, 64);
+  compare<TestType>(h, 3, 700, 2, 128, true);
+  attn::hsa const def{};
+  compare<TestType>(def, 1, 1000, 1, 64);
+  compare<TestType>(def, 1, 3000, 2, 128, false, 0, 600);
+  compare<TestType>(def, 1, 6000, 1, 64, false, 5000, 6000);
+  compare<TestType>(def, 1, 20000, 2, 64, false, 0, 300);
+  compare<TestType>(def, 1, 20000, 1, 64, false, 9000, 9300);
+}
+
+TEST_CASE("fp32 on CUDA takes every supported head_dim", "[attention][cuda]") {
+  for (int d : {32, 40, 96, 256}) compare<float>(attn::local_window{10} | attn::dilated{2, 20}, 1, 90, 1, d);
+}
+
+TEST_CASE("CUDA attention rejects what it cannot run", "[attention][errors][cuda]") {
+  using Catch::Matchers::Contains;
+  std::size_t const e = 100 * 128;  // one tensor of up to 100 rows × 128
+  dbuf<__nv_bfloat16> buf(4 * e);
+  auto args = [&](int off, int n, int d) {
+    return make_attention_args<__nv_bfloat16>(buf.ptr + off, buf.ptr + e, buf.ptr + 2 * e, buf.ptr + 3 * e, 1, n, 1, d);
+  };
+  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::dense{}, args(0, 100, 96)), Contains("head_dim = 96"));
+  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::dense{}, args(1, 50, 64)), Contains("16-byte aligned"));
+  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::local_window{8} | attn::global_tokens::first(4), args(0, 100, 64)),
+                      Contains("bytes of workspace"));
+  REQUIRE_NOTHROW(attention(context<cuda>{}, attn::dense{}, args(0, 100, 64)));  // one pass: no workspace needed
+  DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
+}
