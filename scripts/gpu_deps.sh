@@ -16,5 +16,6 @@ cp /usr/lib/cmake/Catch2/* "$deps/lib/cmake/Catch2/"
 # The Debian package files point at /usr/include: make them relative to the prefix.
 sed -i 's|/usr/include/eigen3|${PACKAGE_PREFIX_DIR}/include/eigen3|g; s|"/usr/include/eigen3"|"${PACKAGE_PREFIX_DIR}/include/eigen3"|g' \
   "$deps/share/eigen3/cmake/"*.cmake
+cp /usr/lib/libCatch2WithMain.a "$deps/lib/"  # named by the Catch2 package files
 cp -L /usr/lib/x86_64-linux-gnu/libbenchmark.so.1debian "$deps/lib/runtime/"
 du -sh "$deps"

@@ -29,6 +29,18 @@ inline constexpr int cuda_table_heads = 16;
 #endif
 /// Warps of the tensor-core kernel; each owns 16 query rows of the tile.
 inline constexpr int cuda_attention_warps = DRDIFF_CUDA_ATTENTION_WARPS;
+#ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64
+#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 4
+#endif
+#ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128
+#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128 2
+#endif
+/// Resident CTAs per SM the tensor-core kernel is compiled for, by head_dim: it caps the registers
+/// (65536 / (128 · blocks)), and occupancy is what hides the latency of this kernel's short chunks
+/// (measured on H100: 128 registers and 4 CTAs ran local attention 1.7× faster than 216 and 2).
+constexpr int cuda_attention_min_blocks(int d) {
+  return d <= 64 ? DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 : DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128;
+}
 
 template <class T, class Seg>
 struct cuda_attention_params {
@@ -84,6 +96,23 @@ struct cuda_segment_collector {
   }
 };
 
+/// Runs the tile's segment visitor (one thread) and lays the collected segments out as one stream of
+/// keys: seg_start[s] is the stream position of segment s. Kept out of line so the visitor's
+/// registers do not count against the kernel's main loop.
+template <class Seg>
+__device__ __noinline__ void cuda_collect_segments(Seg const& seg, int pass, int t, cuda_segment* segs, int* n_segs,
+                                                   int* seen, int* seg_start, int skip, int lo, int hi, int chunk) {
+  *n_segs = 0;
+  *seen = 0;
+  seg.for_each_segment(pass, t, cuda_segment_collector{segs, n_segs, seen, skip, lo, hi, chunk});
+  int keys = 0;
+  for (int s = 0; s < *n_segs; ++s) {
+    seg_start[s] = keys;
+    keys += segs[s].keys.count;
+  }
+  seg_start[*n_segs] = keys;
+}
+
 template <class P>
 __device__ inline void cuda_bh(P const& p, int& b, int& h) {
   b = blockIdx.y / p.heads_in_launch;
@@ -103,7 +132,7 @@ __device__ inline std::int64_t cuda_state_row(P const& p, int b, int h, int row,
 // (64 or 128).
 
 template <class T, int D, class Seg>
-__global__ void __launch_bounds__(32 * cuda_attention_warps)
+__global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_blocks(D))
     attention_mma_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
   constexpr int BM = 16 * cuda_attention_warps, BN = 64, CH = D / 8, NT = 32 * cuda_attention_warps;
   using ops = mma16<T>;
@@ -185,17 +214,8 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps)
     unsigned qf[D / 16][4];
 
     for (int skip = 0;; skip += cuda_segment_batch) {
-      if (tid == 0) {
-        n_segs = 0;
-        seen = 0;
-        seg.for_each_segment(pass, t, cuda_segment_collector{segs, &n_segs, &seen, skip, key_lo, key_hi, BN});
-        int acc_keys = 0;  // the segments form one stream of keys, cut into chunks of BN
-        for (int s = 0; s < n_segs; ++s) {
-          seg_start[s] = acc_keys;
-          acc_keys += segs[s].keys.count;
-        }
-        seg_start[n_segs] = acc_keys;
-      }
+      if (tid == 0)  // the segments form one stream of keys, cut into chunks of BN
+        cuda_collect_segments(seg, pass, t, segs, &n_segs, &seen, seg_start, skip, key_lo, key_hi, BN);
       __syncthreads();
       int const ns = n_segs;
       bool const more = seen > skip + cuda_segment_batch;
@@ -262,25 +282,31 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps)
           }
         // Scale to base 2, mask, running max.
         float mx[2] = {-INFINITY, -INFINITY};
+        float const sc = p.scale_log2;
+        if (exact) {  // the common case: no mask (kept apart so its loop stays branch-free)
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt)
+          for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            int const x = e / 2, col = nt * 8 + tig * 2 + (e & 1);
-            float v = s[nt][e] * p.scale_log2;
-            if (!exact) {
-              int const j = keys[col];
+            for (int e = 0; e < 4; ++e) {
+              s[nt][e] *= sc;
+              mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
+            }
+        } else {
+#pragma unroll
+          for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              int const x = e / 2, j = keys[nt * 8 + tig * 2 + (e & 1)];
               bool ok = j >= 0 && row_live[x];
               if constexpr (std::is_same_v<Seg, attn::pattern>) {
                 ok = ok && seg.owns_segment_key(kind, comp, row_id[x], j);
               } else {
                 ok = ok && seg.owns(pass, row_id[x], j);
               }
-              if (!ok) v = -INFINITY;
+              s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
+              mx[x] = fmaxf(mx[x], s[nt][e]);
             }
-            s[nt][e] = v;
-            mx[x] = fmaxf(mx[x], v);
-          }
+        }
         float alpha[2];
 #pragma unroll
         for (int x = 0; x < 2; ++x) {
