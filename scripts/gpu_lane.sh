@@ -28,7 +28,8 @@ cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.
 
 status=0
 echo "== CUDA tests"
-(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.attention' ) | tail -5 || status=1
+(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.attention') > "$out/ctest_cuda.log" 2>&1 || status=1
+grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 if [ "$mode" != quick ]; then
   echo "== compute-sanitizer"
   for tool in memcheck racecheck; do

@@ -13,6 +13,7 @@ drdiff.bench.attention.cuda, run just before on the same GPU.
 import argparse
 import json
 import re
+import warnings
 
 import torch
 import torch._dynamo
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
     ap.add_argument("--dense-max", type=int, default=16384)
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # create_block_mask(_compile=True)
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
