@@ -74,7 +74,6 @@ struct cuda_attention_params {
 struct cuda_segment {
   attn::index_range keys;
   int exact;
-  int chunks;
 };
 
 inline constexpr int cuda_segment_batch = 32;
@@ -84,14 +83,14 @@ struct cuda_segment_collector {
   cuda_segment* out;
   int* n_out;
   int* seen;
-  int skip, lo, hi, chunk;
+  int skip, lo, hi;
   __device__ void operator()(attn::index_range keys, bool exact) const {
     int const a = lo <= 0 ? 0 : keys.count_below(lo);
     int const b = keys.count_below(hi);
     if (b <= a) return;
     int const idx = (*seen)++;
     if (idx < skip || idx >= skip + cuda_segment_batch) return;
-    out[idx - skip] = cuda_segment{keys.sub(a, b - a), exact ? 1 : 0, (b - a + chunk - 1) / chunk};
+    out[idx - skip] = cuda_segment{keys.sub(a, b - a), exact ? 1 : 0};
     ++*n_out;
   }
 };
@@ -101,10 +100,10 @@ struct cuda_segment_collector {
 /// registers do not count against the kernel's main loop.
 template <class Seg>
 __device__ __noinline__ void cuda_collect_segments(Seg const& seg, int pass, int t, cuda_segment* segs, int* n_segs,
-                                                   int* seen, int* seg_start, int skip, int lo, int hi, int chunk) {
+                                                   int* seen, int* seg_start, int skip, int lo, int hi) {
   *n_segs = 0;
   *seen = 0;
-  seg.for_each_segment(pass, t, cuda_segment_collector{segs, n_segs, seen, skip, lo, hi, chunk});
+  seg.for_each_segment(pass, t, cuda_segment_collector{segs, n_segs, seen, skip, lo, hi});
   int keys = 0;
   for (int s = 0; s < *n_segs; ++s) {
     seg_start[s] = keys;
@@ -215,7 +214,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
 
     for (int skip = 0;; skip += cuda_segment_batch) {
       if (tid == 0)  // the segments form one stream of keys, cut into chunks of BN
-        cuda_collect_segments(seg, pass, t, segs, &n_segs, &seen, seg_start, skip, key_lo, key_hi, BN);
+        cuda_collect_segments(seg, pass, t, segs, &n_segs, &seen, seg_start, skip, key_lo, key_hi);
       __syncthreads();
       int const ns = n_segs;
       bool const more = seen > skip + cuda_segment_batch;
@@ -437,7 +436,7 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
       if (tid == 0) {
         n_segs = 0;
         seen = 0;
-        seg.for_each_segment(pass, t, cuda_segment_collector{segs, &n_segs, &seen, skip, key_lo, key_hi, BN});
+        seg.for_each_segment(pass, t, cuda_segment_collector{segs, &n_segs, &seen, skip, key_lo, key_hi});
       }
       __syncthreads();
       int const ns = n_segs;
