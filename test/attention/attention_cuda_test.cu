@@ -190,3 +190,11 @@ TEST_CASE("CUDA attention rejects what it cannot run", "[attention][errors][cuda
   REQUIRE_NOTHROW(attention(context<cuda>{}, attn::dense{}, args(0, 100, 64)));  // one pass: no workspace needed
   DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
 }
+
+TEST_CASE("hsa at N = 1,048,576 on CUDA matches the reference on sampled rows", "[attention][hsa][long][cuda]") {
+  attn::hsa const h{};
+  int const n = 1 << 20;
+  compare<__nv_bfloat16>(h, 1, n, 1, 64, false, 0, 130);            // global rows and the first tiles
+  compare<__nv_bfloat16>(h, 1, n, 1, 64, false, n / 2 - 40, n / 2 + 40);
+  compare<__nv_bfloat16>(h, 1, n, 1, 64, false, n - 70, n);          // the ragged end
+}
