@@ -1,0 +1,73 @@
+#pragma once
+/// \file
+/// CPU side of the solvers: the fused state update (one Eigen pass over the state) and the
+/// DPM-Solver++ sampling loop with its hooks.
+
+#include <drdiff/core/backend.hpp>
+#include <drdiff/cpu/detail/parallel.hpp>
+#include <drdiff/solver/dpmpp.hpp>
+#include <drdiff/solver/model.hpp>
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+DRDIFF_NAMESPACE_BEGIN
+namespace solver {
+
+/// x ← a·x + b0·m0 + b1·m1 + b2·m2 (+ c·z): one pass; terms with a zero coefficient are not read.
+template <class T>
+void update(context<cpu> const& ctx, step_coefficients const& k, T* x, T const* m0, T const* m1, T const* m2,
+            T const* z, std::size_t n) {
+  using arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+  std::int64_t const chunk = 1 << 16;
+  std::int64_t const pieces = (std::int64_t(n) + chunk - 1) / chunk;
+  drdiff::detail::parallel_for(pieces > 1 ? drdiff::detail::resolve_threads(ctx.num_threads) : 1, pieces,
+                               [&](std::int64_t p, int) {
+    std::size_t const off = std::size_t(p) * chunk, len = std::min<std::size_t>(chunk, n - off);
+    Eigen::Map<arr> xs(x + off, len);
+    auto map = [&](T const* v) { return Eigen::Map<arr const>(v + off, len); };
+    T const a = T(k.a), b0 = T(k.b[0]), b1 = T(k.b[1]), b2 = T(k.b[2]), c = T(k.c);
+    if (k.b[2] != 0 && k.b[1] != 0) xs = a * xs + b0 * map(m0) + b1 * map(m1) + b2 * map(m2);
+    else if (k.b[1] != 0) xs = a * xs + b0 * map(m0) + b1 * map(m1);
+    else xs = a * xs + b0 * map(m0);
+    if (k.c != 0) xs += c * map(z);
+  });
+}
+
+/// Runs DPM-Solver++ from grid.front() to grid.back() on the state x (n values, in place).
+/// `model(x, t, x0)` writes the data prediction; `correct_x0(x0, t)` may change it (thresholding,
+/// anchor guidance); `correct_xt(x, t, step)` may change the state after each step (keeping
+/// conditioning positions clean). `workspace` holds 3·n values (the last three predictions).
+/// Throws drdiff::error on bad settings, a bad grid, or a NaN in the state or a prediction.
+template <class T, class S, class Model, class X0Hook = no_hook, class XtHook = no_hook>
+void dpmpp_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_config const& cfg,
+                  std::vector<double> const& grid, Model&& model, T* x, std::size_t n, T* workspace,
+                  X0Hook&& correct_x0 = {}, XtHook&& correct_xt = {}) {
+  auto const plan = dpmpp_plan(ops, cfg, grid);
+  DRDIFF_CHECK(x != nullptr && workspace != nullptr, "dpmpp_sample: x or workspace is a null pointer");
+  auto check_finite = [n](T const* v, char const* what, int step) {
+    for (std::size_t i = 0; i < n; ++i)
+      DRDIFF_CHECK(std::isfinite(double(v[i])), "dpmpp_sample: ", what, "[", i, "] = ", double(v[i]),
+                   " is not finite (step ", step, ")");
+  };
+  check_finite(x, "the state x", 0);
+  T* m[3] = {workspace, workspace + n, workspace + 2 * n};
+  for (std::size_t s = 0; s < plan.size(); ++s) {
+    // The newest prediction goes to m[0]; the older ones move down (pointer rotation, no copies).
+    T* const fresh = m[2];
+    m[2] = m[1];
+    m[1] = m[0];
+    m[0] = fresh;
+    model(static_cast<T const*>(x), grid[s], m[0]);
+    correct_x0(m[0], grid[s]);
+    check_finite(m[0], "the data prediction", int(s));
+    update(ctx, plan[s], x, m[0], m[1], m[2], static_cast<T const*>(nullptr), n);
+    correct_xt(x, grid[s + 1], int(s));
+  }
+}
+
+}  // namespace solver
+DRDIFF_NAMESPACE_END

@@ -1,0 +1,42 @@
+#pragma once
+/// \file
+/// Model adapters: DPM-Solver++ consumes data predictions x̂0. A model is a callable
+/// `model(T const* x, double t, T* out)` over a state of n values; these wrap ε- and v-prediction
+/// models into x̂0 models with the schedule's α_t, σ_t (computed once per call, in double).
+
+#include <drdiff/solver/noise_schedule.hpp>
+
+#include <cstddef>
+#include <utility>
+
+DRDIFF_NAMESPACE_BEGIN
+namespace solver {
+
+/// x̂0 = (x − σ_t ε) / α_t.
+template <class S, class Eps>
+auto from_eps(schedule_ops<S> ops, Eps eps, std::size_t n) {
+  return [ops, eps = std::move(eps), n](auto const* x, double t, auto* out) {
+    eps(x, t, out);
+    double const a = ops.alpha(t), s = ops.sigma(t);
+    for (std::size_t i = 0; i < n; ++i) out[i] = (x[i] - s * out[i]) / a;
+  };
+}
+
+/// x̂0 = α_t x − σ_t v.
+template <class S, class V>
+auto from_v(schedule_ops<S> ops, V v, std::size_t n) {
+  return [ops, v = std::move(v), n](auto const* x, double t, auto* out) {
+    v(x, t, out);
+    double const a = ops.alpha(t), s = ops.sigma(t);
+    for (std::size_t i = 0; i < n; ++i) out[i] = a * x[i] - s * out[i];
+  };
+}
+
+/// A hook that does nothing (the default for correct_x0 / correct_xt).
+struct no_hook {
+  template <class... A>
+  void operator()(A&&...) const noexcept {}
+};
+
+}  // namespace solver
+DRDIFF_NAMESPACE_END

@@ -1,0 +1,189 @@
+// DPM-Solver++ against problems whose exact answer is known (shared/notes/solvers_and_routing.md §6).
+
+#include <drdiff/cpu/solver.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <vector>
+
+using namespace drdiff;
+using namespace drdiff::solver;
+using Catch::Matchers::Contains;
+
+namespace {
+
+/// Gaussian data N(mu, s²): the ideal denoiser and the exact probability-flow solution.
+struct gaussian {
+  double mu = 0.7, s = 0.5;
+  schedule_ops<vp_linear> ops{};
+  void x0(double const* x, double t, double* out, std::size_t n) const {
+    double const a = ops.alpha(t), sg = ops.sigma(t);
+    for (std::size_t i = 0; i < n; ++i) out[i] = mu + a * s * s / (a * a * s * s + sg * sg) * (x[i] - a * mu);
+  }
+  double exact(double x_start, double t_start, double t) const {
+    auto sd = [&](double u) { double const a = ops.alpha(u), sg = ops.sigma(u); return std::sqrt(a * a * s * s + sg * sg); };
+    double const z = (x_start - ops.alpha(t_start) * mu) / sd(t_start);
+    return ops.alpha(t) * mu + sd(t) * z;
+  }
+};
+
+/// Max error over start values after sampling t: 1 → 1e-3 with `steps` uniform-λ steps.
+double gaussian_error(gaussian const& g, dpmpp_config cfg, int steps) {
+  std::vector<double> const starts = {-2.0, -0.5, 0.3, 1.1, 2.4};
+  std::size_t const n = starts.size();
+  auto grid = make_grid(g.ops, steps, spacing::uniform_lambda, 1.0, 1e-3);
+  std::vector<double> x = starts, ws(3 * n);
+  cfg.lower_order_final = false;
+  dpmpp_sample(context<cpu>{1}, g.ops, cfg, grid, [&](double const* xs, double t, double* out) { g.x0(xs, t, out, n); },
+               x.data(), n, ws.data());
+  double err = 0;
+  for (std::size_t i = 0; i < n; ++i) err = std::max(err, std::abs(x[i] - g.exact(starts[i], 1.0, 1e-3)));
+  return err;
+}
+
+double measured_order(dpmpp_config const& cfg, int n0) {
+  gaussian const g;
+  double const e1 = gaussian_error(g, cfg, n0), e2 = gaussian_error(g, cfg, 2 * n0), e3 = gaussian_error(g, cfg, 4 * n0);
+  INFO("errors " << e1 << " " << e2 << " " << e3);
+  return 0.5 * (std::log2(e1 / e2) + std::log2(e2 / e3));
+}
+
+dpmpp_config make(int order, second_order s2 = second_order::midpoint, third_order s3 = third_order::taylor) {
+  dpmpp_config c;
+  c.order = order;
+  c.second = s2;
+  c.third = s3;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("DPM-Solver++ reaches its order on Gaussian data", "[solver][dpmpp][order][cpu]") {
+  double const o1 = measured_order(make(1), 40);
+  double const o2m = measured_order(make(2), 40);
+  double const o2h = measured_order(make(2, second_order::heun), 40);
+  double const o3p = measured_order(make(3, second_order::midpoint, third_order::published), 40);
+  double const o3t = measured_order(make(3, second_order::midpoint, third_order::taylor), 40);
+  INFO("orders: DDIM " << o1 << ", 2M midpoint " << o2m << ", 2M heun " << o2h << ", 3M published " << o3p
+                       << ", 3M Taylor " << o3t);
+  REQUIRE(std::abs(o1 - 1.0) <= 0.15);
+  REQUIRE(std::abs(o2m - 2.0) <= 0.15);
+  REQUIRE(std::abs(o2h - 2.0) <= 0.15);
+  REQUIRE(std::abs(o3p - 2.0) <= 0.15);
+  REQUIRE(o3t >= 3.0 - 0.15);  // 3 in general; the Gaussian's smooth x̂0 lets it reach 4 here
+}
+
+TEST_CASE("DDIM is exact for a point mass, and every solver for the identity flow", "[solver][dpmpp][exact][cpu]") {
+  auto const ops = solver::ops(vp_linear{});
+  auto grid = make_grid(ops, 7, spacing::uniform_lambda, 1.0, 1e-3);
+  std::vector<double> x = {-1.3, 0.2, 2.9}, ws(9);
+  double const mu = 0.42;
+  dpmpp_sample(context<cpu>{1}, ops, make(1), grid, [&](double const*, double, double* out) {
+    for (int i = 0; i < 3; ++i) out[i] = mu;
+  }, x.data(), 3, ws.data());
+  // x_t = σ_t/σ_T·(x_T − α_T μ) + α_t μ exactly
+  std::vector<double> const x0 = {-1.3, 0.2, 2.9};
+  for (int i = 0; i < 3; ++i) {
+    double const ex = ops.sigma(1e-3) / ops.sigma(1.0) * (x0[i] - ops.alpha(1.0) * mu) + ops.alpha(1e-3) * mu;
+    REQUIRE(std::abs(x[i] - ex) <= 1e-12);
+  }
+  // N(0, 1) data: the flow is the identity. The solvers are not exact here (x̂0 = α_t x is not
+  // polynomial in λ), but must converge to x_T at their order.
+  gaussian g;
+  g.mu = 0.0;
+  g.s = 1.0;
+  for (auto cfg : {make(1), make(2), make(2, second_order::heun), make(3, second_order::midpoint, third_order::published),
+                   make(3)}) {
+    double e[2];
+    for (int r = 0; r < 2; ++r) {
+      auto gr = make_grid(ops, 100 << r, spacing::uniform_lambda, 1.0, 1e-3);
+      std::vector<double> y = x0, w(9);
+      cfg.lower_order_final = false;
+      dpmpp_sample(context<cpu>{1}, g.ops, cfg, gr, [&](double const* xs, double t, double* out) { g.x0(xs, t, out, 3); },
+                   y.data(), 3, w.data());
+      e[r] = 0;
+      for (int i = 0; i < 3; ++i) e[r] = std::max(e[r], std::abs(y[i] - x0[i]));
+    }
+    INFO("order " << cfg.order << ": errors " << e[0] << ", " << e[1]);
+    REQUIRE(e[1] <= (cfg.order == 1 ? 5e-2 : 2e-3));
+    REQUIRE(std::log2(e[0] / e[1]) >= 0.85 * std::min(cfg.order, 2));
+  }
+}
+
+TEST_CASE("Taylor 3M is exact when the data prediction is quadratic in lambda; the published form is not",
+          "[solver][dpmpp][exact][cpu]") {
+  // One step at λ = (−1, −0.7, −0.4 → −0.1), x̂0 = 0.3 − 0.8λ + 0.45λ², x_s = 1.234.
+  auto const ops = solver::ops(vp_linear{});
+  double const l[4] = {-1.0, -0.7, -0.4, -0.1};
+  double t[4];
+  for (int i = 0; i < 4; ++i) t[i] = ops.t_of_lambda(l[i]);
+  auto q = [](double lam) { return 0.3 - 0.8 * lam + 0.45 * lam * lam; };
+  auto F = [](double lam) { return std::exp(lam) * (0.3 - 0.8 * (lam - 1) + 0.45 * (lam * lam - 2 * lam + 2)); };
+  double const xs = 1.234;
+  double const exact = ops.sigma(t[3]) / ops.sigma(t[2]) * xs + ops.sigma(t[3]) * (F(l[3]) - F(l[2]));
+  auto step = [&](third_order v) {
+    auto cfg = make(3, second_order::midpoint, v);
+    auto k = dpmpp_coefficients(ops, cfg, 3, t[2], t[3], t[1], t[0]);
+    return k.a * xs + k.b[0] * q(l[2]) + k.b[1] * q(l[1]) + k.b[2] * q(l[0]);
+  };
+  REQUIRE(std::abs(step(third_order::taylor) - exact) <= 1e-12);
+  double const published = std::abs(step(third_order::published) - exact);
+  REQUIRE(published == Approx(1.26e-3).epsilon(0.02));  // the notes' measured defect
+}
+
+TEST_CASE("schedules: lambda round-trips through t(lambda)", "[solver][schedule][cpu]") {
+  std::vector<double> abar(1000);
+  for (int i = 0; i < 1000; ++i) abar[i] = 1.0 - std::sqrt(i / 1000.0 + 1e-4);
+  auto check = [](auto const& ops, double t0, double t1) {
+    for (int i = 0; i <= 20; ++i) {
+      double const t = t0 + (t1 - t0) * i / 20.0;
+      REQUIRE(ops.t_of_lambda(ops.lambda(t)) == Approx(t).margin(1e-9));
+      REQUIRE(ops.alpha(t) * ops.alpha(t) + ops.sigma(t) * ops.sigma(t) == Approx(1.0).margin(1e-12));
+    }
+  };
+  check(solver::ops(vp_linear{}), 1e-3, 1.0);
+  check(solver::ops(vp_cosine{}), 1e-3, 0.99);
+  check(solver::ops(vp_sqrt{}), 0.0, 0.999);
+  auto const d = solver::ops(vp_discrete(abar));
+  check(d, 0.002, d.t_max());
+  REQUIRE(d.lambda(d.t_max()) >= -5.1 - 1e-9);  // λ clipped
+}
+
+TEST_CASE("bad solver input is rejected with a clear message", "[solver][errors][cpu]") {
+  auto const ops = solver::ops(vp_linear{});
+  REQUIRE_THROWS_WITH(make_grid(ops, 0, spacing::uniform_lambda, 1.0, 1e-3), Contains("steps = 0"));
+  REQUIRE_THROWS_WITH(make_grid(ops, 5, spacing::uniform_t, 2.0, 1e-3), Contains("t = 2"));
+  REQUIRE_THROWS_WITH(check_grid(ops, {1.0, 0.5, 0.5, 0.1}), Contains("duplicate"));
+  REQUIRE_THROWS_WITH(check_grid(ops, {1.0, 0.2, 0.5}), Contains("strictly decreasing"));
+  auto cfg = make(4);
+  REQUIRE_THROWS_WITH(cfg.validate(), Contains("order = 4"));
+  cfg = make(0);
+  REQUIRE_THROWS_WITH(cfg.validate(), Contains("order = 0"));
+  std::vector<double> x = {0.1, std::nan(""), 0.3}, ws(9);
+  auto grid = make_grid(ops, 4, spacing::uniform_lambda, 1.0, 1e-3);
+  auto model = [](double const*, double, double* out) { out[0] = out[1] = out[2] = 0; };
+  REQUIRE_THROWS_WITH(dpmpp_sample(context<cpu>{1}, ops, make(2), grid, model, x.data(), 3, ws.data()),
+                      Contains("x[1] = nan"));
+  std::vector<double> y = {0.1, 0.2, 0.3};
+  auto bad_model = [](double const*, double, double* out) { out[0] = out[1] = 0; out[2] = INFINITY; };
+  REQUIRE_THROWS_WITH(dpmpp_sample(context<cpu>{1}, ops, make(2), grid, bad_model, y.data(), 3, ws.data()),
+                      Contains("data prediction[2] = inf"));
+  REQUIRE_THROWS_WITH(vp_discrete({0.9, 0.95}), Contains("must decrease"));
+}
+
+TEST_CASE("the final step to sigma = 0 returns the data prediction", "[solver][dpmpp][cpu]") {
+  auto const ops = solver::ops(vp_linear{});
+  auto grid = make_grid(ops, 6, spacing::uniform_lambda, 1.0, 1e-3);
+  auto cfg = make(2);
+  cfg.final_to_zero = true;
+  std::vector<double> x = {0.5, -0.5}, ws(6);
+  double last_pred = 0;
+  dpmpp_sample(context<cpu>{1}, ops, cfg, grid, [&](double const* xs, double, double* out) {
+    out[0] = 0.9 * xs[0];
+    out[1] = 0.9 * xs[1];
+    last_pred = out[0];
+  }, x.data(), 2, ws.data());
+  REQUIRE(x[0] == last_pred);
+  for (auto const& k : dpmpp_plan(ops, cfg, grid)) REQUIRE(std::isfinite(k.a));
+}
