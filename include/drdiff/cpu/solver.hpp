@@ -7,6 +7,7 @@
 #include <drdiff/cpu/detail/parallel.hpp>
 #include <drdiff/solver/dpmpp.hpp>
 #include <drdiff/solver/model.hpp>
+#include <drdiff/solver/noise.hpp>
 
 #include <Eigen/Core>
 
@@ -17,10 +18,11 @@
 DRDIFF_NAMESPACE_BEGIN
 namespace solver {
 
-/// x ← a·x + b0·m0 + b1·m1 + b2·m2 (+ c·z): one pass; terms with a zero coefficient are not read.
+/// x ← a·x + b0·m0 + b1·m1 + b2·m2 + c·z: one pass over the state. Terms whose coefficient is 0 are
+/// not read; z(step, i) comes from the counter-based noise source (the same numbers as on the GPU).
 template <class T>
 void update(context<cpu> const& ctx, step_coefficients const& k, T* x, T const* m0, T const* m1, T const* m2,
-            T const* z, std::size_t n) {
+            std::size_t n, gaussian_noise const& noise = {}, int step = 0) {
   using arr = Eigen::Array<T, Eigen::Dynamic, 1>;
   std::int64_t const chunk = 1 << 16;
   std::int64_t const pieces = (std::int64_t(n) + chunk - 1) / chunk;
@@ -29,23 +31,27 @@ void update(context<cpu> const& ctx, step_coefficients const& k, T* x, T const* 
     std::size_t const off = std::size_t(p) * chunk, len = std::min<std::size_t>(chunk, n - off);
     Eigen::Map<arr> xs(x + off, len);
     auto map = [&](T const* v) { return Eigen::Map<arr const>(v + off, len); };
-    T const a = T(k.a), b0 = T(k.b[0]), b1 = T(k.b[1]), b2 = T(k.b[2]), c = T(k.c);
-    if (k.b[2] != 0 && k.b[1] != 0) xs = a * xs + b0 * map(m0) + b1 * map(m1) + b2 * map(m2);
-    else if (k.b[1] != 0) xs = a * xs + b0 * map(m0) + b1 * map(m1);
+    T const a = T(k.a), b0 = T(k.b[0]), b1 = T(k.b[1]), b2 = T(k.b[2]);
+    bool const use1 = k.b[1] != 0, use2 = k.b[2] != 0;
+    if (use1 && use2) xs = a * xs + b0 * map(m0) + b1 * map(m1) + b2 * map(m2);
+    else if (use1) xs = a * xs + b0 * map(m0) + b1 * map(m1);
+    else if (use2) xs = a * xs + b0 * map(m0) + b2 * map(m2);
     else xs = a * xs + b0 * map(m0);
-    if (k.c != 0) xs += c * map(z);
+    if (k.c != 0)
+      for (std::size_t i = 0; i < len; ++i) x[off + i] += T(k.c * noise(step, off + i));
   });
 }
 
 /// Runs DPM-Solver++ from grid.front() to grid.back() on the state x (n values, in place).
 /// `model(x, t, x0)` writes the data prediction; `correct_x0(x0, t)` may change it (thresholding,
 /// anchor guidance); `correct_xt(x, t, step)` may change the state after each step (keeping
-/// conditioning positions clean). `workspace` holds 3·n values (the last three predictions).
+/// conditioning positions clean). `workspace` holds 3·n values (the last three predictions). With
+/// cfg.sde, `noise` draws the fresh Gaussian of each step (seeded, backend-independent).
 /// Throws drdiff::error on bad settings, a bad grid, or a NaN in the state or a prediction.
 template <class T, class S, class Model, class X0Hook = no_hook, class XtHook = no_hook>
 void dpmpp_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_config const& cfg,
                   std::vector<double> const& grid, Model&& model, T* x, std::size_t n, T* workspace,
-                  X0Hook&& correct_x0 = {}, XtHook&& correct_xt = {}) {
+                  X0Hook&& correct_x0 = {}, XtHook&& correct_xt = {}, gaussian_noise const& noise = {}) {
   auto const plan = dpmpp_plan(ops, cfg, grid);
   DRDIFF_CHECK(x != nullptr && workspace != nullptr, "dpmpp_sample: x or workspace is a null pointer");
   auto check_finite = [n](T const* v, char const* what, int step) {
@@ -64,7 +70,7 @@ void dpmpp_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_con
     model(static_cast<T const*>(x), grid[s], m[0]);
     correct_x0(m[0], grid[s]);
     check_finite(m[0], "the data prediction", int(s));
-    update(ctx, plan[s], x, m[0], m[1], m[2], static_cast<T const*>(nullptr), n);
+    update(ctx, plan[s], x, m[0], m[1], m[2], n, noise, int(s));
     correct_xt(x, grid[s + 1], int(s));
   }
 }

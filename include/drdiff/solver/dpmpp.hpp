@@ -27,9 +27,11 @@ struct dpmpp_config {
   bool lower_order_final = true;                   ///< with fewer than `lower_order_final_below` steps,
   int lower_order_final_below = 15;                ///<   the last steps drop to order steps − i
   bool final_to_zero = false;                      ///< the last step goes to σ = 0: x ← x̂0 (no log 0)
+  bool sde = false;                                ///< SDE-DPM-Solver++ (orders 1, 2): fresh noise each step
 
   void validate() const {
     DRDIFF_CHECK(order >= 1 && order <= 3, "dpmpp: order = ", order, " must be 1, 2 or 3");
+    DRDIFF_CHECK(!sde || order <= 2, "dpmpp: the SDE solver has orders 1 and 2, not order = ", order);
     DRDIFF_CHECK(lower_order_final_below >= 0, "dpmpp: lower_order_final_below = ", lower_order_final_below,
                  " must be >= 0");
   }
@@ -56,6 +58,19 @@ step_coefficients dpmpp_coefficients(schedule_ops<S> const& ops, dpmpp_config co
                ") = ", lt);
   double const alpha = ops.alpha(t);
   k.a = std::exp(ops.log_sigma(t) - ops.log_sigma(s));
+  if (cfg.sde) {  // x ← (σ_t/σ_s)e^{−h} x + α_t(1 − e^{−2h}) m0 (+ order-2 term) + σ_t sqrt(1 − e^{−2h}) z
+    double const e2 = -std::expm1(-2.0 * h);
+    k.a *= std::exp(-h);
+    k.c = ops.sigma(t) * std::sqrt(e2);
+    k.b[0] = alpha * e2;
+    if (order >= 2) {
+      double const r0 = (ls - ops.lambda(s1)) / h;
+      double const w = cfg.second == second_order::midpoint ? 0.5 * e2 : e2 / (-2.0 * h) + 1.0;
+      k.b[0] += alpha * w / r0;
+      k.b[1] = -alpha * w / r0;
+    }
+    return k;
+  }
   double const phi1 = std::expm1(-h), phi2 = phi1 / h + 1.0, phi3 = phi2 / h - 0.5;
   if (order == 1) {
     k.b[0] = -alpha * phi1;
