@@ -14,4 +14,5 @@
 #include <drdiff/cuda/config.cuh>
 #include <drdiff/cuda/device.cuh>
 #include <drdiff/cuda/error.cuh>
+#include <drdiff/cuda/solver.cuh>
 #include <drdiff/version.hpp>
