@@ -1,6 +1,7 @@
 // DPM-Solver++ against problems whose exact answer is known (shared/notes/solvers_and_routing.md §6).
 
 #include <drdiff/cpu/solver.hpp>
+#include <drdiff/solver/problems.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -14,19 +15,8 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-/// Gaussian data N(mu, s²): the ideal denoiser and the exact probability-flow solution.
-struct gaussian {
-  double mu = 0.7, s = 0.5;
-  schedule_ops<vp_linear> ops{};
-  void x0(double const* x, double t, double* out, std::size_t n) const {
-    double const a = ops.alpha(t), sg = ops.sigma(t);
-    for (std::size_t i = 0; i < n; ++i) out[i] = mu + a * s * s / (a * a * s * s + sg * sg) * (x[i] - a * mu);
-  }
-  double exact(double x_start, double t_start, double t) const {
-    auto sd = [&](double u) { double const a = ops.alpha(u), sg = ops.sigma(u); return std::sqrt(a * a * s * s + sg * sg); };
-    double const z = (x_start - ops.alpha(t_start) * mu) / sd(t_start);
-    return ops.alpha(t) * mu + sd(t) * z;
-  }
+struct gaussian : solver::gaussian_problem {
+  void x0(double const* x, double t, double* out, std::size_t n) const { (*this)(x, t, out, n); }
 };
 
 /// Max error over start values after sampling t: 1 → 1e-3 with `steps` uniform-λ steps.
@@ -241,72 +231,31 @@ TEST_CASE("the noise source is a reproducible standard normal", "[solver][noise]
 }
 
 namespace {
-/// The ideal text denoiser: data are the rows of an embedding table E (uniform prior), so
-/// x̂0(x_t) = Σ_v softmax_v(−‖x_t − α_t E_v‖² / 2σ_t²) E_v. P points of dimension d in one state.
-struct mixture_of_deltas {
-  int V, d, P;
-  std::vector<double> E;
-  schedule_ops<vp_linear> ops{};
-  mixture_of_deltas(int v, int dim, int points, unsigned seed) : V(v), d(dim), P(points), E(std::size_t(v) * dim) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<double> nd(0, 1);
-    for (auto& e : E) e = nd(rng);
-  }
-  void operator()(double const* x, double t, double* out) const {
-    double const a = ops.alpha(t), s = ops.sigma(t);
-    std::vector<double> w(V);
-    for (int p = 0; p < P; ++p) {
-      double mx = -INFINITY;
-      for (int v = 0; v < V; ++v) {
-        double q = 0;
-        for (int k = 0; k < d; ++k) {
-          double const df = x[p * d + k] - a * E[v * d + k];
-          q += df * df;
-        }
-        w[v] = -q / (2 * s * s);
-        mx = std::max(mx, w[v]);
-      }
-      double z = 0;
-      for (auto& e : w) z += (e = std::exp(e - mx));
-      for (int k = 0; k < d; ++k) {
-        double o = 0;
-        for (int v = 0; v < V; ++v) o += w[v] * E[v * d + k];
-        out[p * d + k] = o / z;
-      }
-    }
-  }
-  std::vector<double> solve(dpmpp_config cfg, int steps, std::vector<double> const& x_start) const {
-    auto const grid = make_grid(ops, steps, spacing::uniform_lambda, ops.t_of_lambda(-3.0), ops.t_of_lambda(2.5));
-    std::vector<double> x = x_start, ws(3 * x.size());
-    dpmpp_sample(context<cpu>{1}, ops, cfg, grid, *this, x.data(), x.size(), ws.data());
-    return x;
-  }
-};
-/// Root-mean-square difference (a few points near a decision boundary may flip to another
-/// embedding row at any step count; the RMS keeps them from hiding the convergence of the rest).
-double rms_diff(std::vector<double> const& a, std::vector<double> const& b) {
-  double e = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) e += (a[i] - b[i]) * (a[i] - b[i]);
-  return std::sqrt(e / a.size());
+std::vector<double> solve(solver::mixture_of_deltas const& m, dpmpp_config cfg, int steps,
+                          std::vector<double> const& x_start) {
+  auto const grid = make_grid(m.ops, steps, spacing::uniform_lambda, m.ops.t_of_lambda(-3.0), m.ops.t_of_lambda(2.5));
+  std::vector<double> x = x_start, ws(3 * x.size());
+  dpmpp_sample(context<cpu>{1}, m.ops, cfg, grid, m, x.data(), x.size(), ws.data());
+  return x;
 }
 }  // namespace
 
 TEST_CASE("mixture of deltas: 2M at 20 steps beats DDIM at 50, against a self-converged reference",
           "[solver][dpmpp][mixture][cpu]") {
   for (unsigned seed : {3u, 4u, 5u}) {
-    mixture_of_deltas const m(5, 3, 64, seed);
+    solver::mixture_of_deltas const m(5, 3, 64, seed);
     std::mt19937 rng(seed + 100);
     std::normal_distribution<double> nd(0, 1);
     std::vector<double> x_start(std::size_t(m.P) * m.d);
     for (auto& e : x_start) e = nd(rng);
     auto ref_cfg = make(3);
     ref_cfg.lower_order_final = false;
-    auto const ref = m.solve(ref_cfg, 20000, x_start);
+    auto const ref = solve(m, ref_cfg, 20000, x_start);
     // Self-converged: halving the reference's step count moves it by far less than the errors below.
-    REQUIRE(rms_diff(m.solve(ref_cfg, 10000, x_start), ref) < 1e-7);
-    double const ddim50 = rms_diff(m.solve(make(1), 50, x_start), ref);
-    double const m2_20 = rms_diff(m.solve(make(2), 20, x_start), ref);
-    double const m2_10 = rms_diff(m.solve(make(2), 10, x_start), ref);
+    REQUIRE(rms_diff(solve(m, ref_cfg, 10000, x_start), ref) < 1e-7);
+    double const ddim50 = rms_diff(solve(m, make(1), 50, x_start), ref);
+    double const m2_20 = rms_diff(solve(m, make(2), 20, x_start), ref);
+    double const m2_10 = rms_diff(solve(m, make(2), 10, x_start), ref);
     INFO("seed " << seed << ": DDIM@50 " << ddim50 << ", 2M@20 " << m2_20 << ", 2M@10 " << m2_10);
     REQUIRE(m2_20 < ddim50);
   }
