@@ -56,13 +56,17 @@ TEST_CASE("DPM-Solver++ reaches its order on Gaussian data", "[solver][dpmpp][or
   double const o2h = measured_order(make(2, second_order::heun), 40);
   double const o3p = measured_order(make(3, second_order::midpoint, third_order::published), 40);
   double const o3t = measured_order(make(3, second_order::midpoint, third_order::taylor), 40);
+  auto two_s = make(2);
+  two_s.singlestep = true;
+  double const o2s = measured_order(two_s, 40);
   INFO("orders: DDIM " << o1 << ", 2M midpoint " << o2m << ", 2M heun " << o2h << ", 3M published " << o3p
-                       << ", 3M Taylor " << o3t);
+                       << ", 3M Taylor " << o3t << ", 2S " << o2s);
   REQUIRE(std::abs(o1 - 1.0) <= 0.15);
   REQUIRE(std::abs(o2m - 2.0) <= 0.15);
   REQUIRE(std::abs(o2h - 2.0) <= 0.15);
   REQUIRE(std::abs(o3p - 2.0) <= 0.15);
   REQUIRE(o3t >= 3.0 - 0.15);  // 3 in general; the Gaussian's smooth x̂0 lets it reach 4 here
+  REQUIRE(std::abs(o2s - 2.0) <= 0.15);
 }
 
 TEST_CASE("DDIM is exact for a point mass, and every solver for the identity flow", "[solver][dpmpp][exact][cpu]") {
@@ -151,6 +155,12 @@ TEST_CASE("bad solver input is rejected with a clear message", "[solver][errors]
   REQUIRE_THROWS_WITH(cfg.validate(), Contains("order = 4"));
   cfg = make(0);
   REQUIRE_THROWS_WITH(cfg.validate(), Contains("order = 0"));
+  cfg = make(3);
+  cfg.singlestep = true;
+  REQUIRE_THROWS_WITH(cfg.validate(), Contains("singlestep"));
+  cfg = make(3);
+  cfg.sde = true;
+  REQUIRE_THROWS_WITH(cfg.validate(), Contains("SDE"));
   std::vector<double> x = {0.1, std::nan(""), 0.3}, ws(9);
   auto grid = make_grid(ops, 4, spacing::uniform_lambda, 1.0, 1e-3);
   auto model = [](double const*, double, double* out) { out[0] = out[1] = out[2] = 0; };

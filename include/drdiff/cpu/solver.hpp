@@ -11,6 +11,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <vector>
@@ -42,6 +43,36 @@ void update(context<cpu> const& ctx, step_coefficients const& k, T* x, T const* 
   });
 }
 
+/// DPM-Solver++(2S): two model evaluations per step (at s and at the λ-midpoint); the last step of a
+/// grid with final_to_zero is x ← x̂0(x_s). Workspace: 3·n values.
+template <class T, class S, class Model, class X0Hook, class XtHook>
+void dpmpp_2s_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_config const& cfg,
+                     std::vector<double> const& grid, Model&& model, T* x, std::size_t n, T* workspace,
+                     X0Hook&& correct_x0, XtHook&& correct_xt) {
+  T* const ms = workspace;          // x̂0 at s
+  T* const u = workspace + n;       // the intermediate state
+  T* const mu = workspace + 2 * n;  // x̂0 at the midpoint
+  int const steps = int(grid.size()) - 1;
+  for (int s = 0; s < steps; ++s) {
+    model(static_cast<T const*>(x), grid[s], ms);
+    correct_x0(ms, grid[s]);
+    if (s == steps - 1 && cfg.final_to_zero) {
+      std::copy(ms, ms + n, x);
+    } else {
+      auto const k = dpmpp_2s_coefficients(ops, grid[s], grid[s + 1]);
+      std::copy(x, x + n, u);
+      update(ctx, k.stage1, u, ms, ms, ms, n);
+      model(static_cast<T const*>(u), k.t_mid, mu);
+      correct_x0(mu, k.t_mid);
+      update(ctx, k.stage2, x, ms, ms, mu, n);
+    }
+    for (std::size_t i = 0; i < n; ++i)
+      DRDIFF_CHECK(std::isfinite(double(x[i])), "dpmpp_sample: the state x[", i, "] = ", double(x[i]),
+                   " is not finite (step ", s, ")");
+    correct_xt(x, grid[s + 1], s);
+  }
+}
+
 /// Runs DPM-Solver++ from grid.front() to grid.back() on the state x (n values, in place).
 /// `model(x, t, x0)` writes the data prediction; `correct_x0(x0, t)` may change it (thresholding,
 /// anchor guidance); `correct_xt(x, t, step)` may change the state after each step (keeping
@@ -54,6 +85,10 @@ void dpmpp_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_con
                   X0Hook&& correct_x0 = {}, XtHook&& correct_xt = {}, gaussian_noise const& noise = {}) {
   auto const plan = dpmpp_plan(ops, cfg, grid);
   DRDIFF_CHECK(x != nullptr && workspace != nullptr, "dpmpp_sample: x or workspace is a null pointer");
+  if (cfg.singlestep) {
+    dpmpp_2s_sample(ctx, ops, cfg, grid, model, x, n, workspace, correct_x0, correct_xt);
+    return;
+  }
   auto check_finite = [n](T const* v, char const* what, int step) {
     for (std::size_t i = 0; i < n; ++i)
       DRDIFF_CHECK(std::isfinite(double(v[i])), "dpmpp_sample: ", what, "[", i, "] = ", double(v[i]),

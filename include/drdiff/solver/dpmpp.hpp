@@ -28,10 +28,13 @@ struct dpmpp_config {
   int lower_order_final_below = 15;                ///<   the last steps drop to order steps − i
   bool final_to_zero = false;                      ///< the last step goes to σ = 0: x ← x̂0 (no log 0)
   bool sde = false;                                ///< SDE-DPM-Solver++ (orders 1, 2): fresh noise each step
+  bool singlestep = false;                         ///< DPM-Solver++(2S): order 2, two evaluations per step
 
   void validate() const {
     DRDIFF_CHECK(order >= 1 && order <= 3, "dpmpp: order = ", order, " must be 1, 2 or 3");
     DRDIFF_CHECK(!sde || order <= 2, "dpmpp: the SDE solver has orders 1 and 2, not order = ", order);
+    DRDIFF_CHECK(!singlestep || (order == 2 && !sde), "dpmpp: the singlestep solver is 2S (order = 2, ODE), not order = ",
+                 order, sde ? " with sde" : "");
     DRDIFF_CHECK(lower_order_final_below >= 0, "dpmpp: lower_order_final_below = ", lower_order_final_below,
                  " must be >= 0");
   }
@@ -98,6 +101,30 @@ step_coefficients dpmpp_coefficients(schedule_ops<S> const& ops, dpmpp_config co
     k.b[j] = alpha * phi2 * d1 - w * alpha * phi3 * d2;
   }
   k.b[0] += -alpha * phi1;
+  return k;
+}
+
+/// The two stages of a DPM-Solver++(2S) step from s to t with the intermediate node at
+/// λ_s + r1·h (r1 = ½): u = a1·x + b1·m_s, then x ← a·x + b0·m_s + b2·m_u ("dpmsolver++" form:
+/// D = (1 − 1/(2r1))·m_s + 1/(2r1)·m_u).
+struct singlestep_coefficients {
+  double t_mid = 0;
+  step_coefficients stage1, stage2;
+};
+template <class S>
+singlestep_coefficients dpmpp_2s_coefficients(schedule_ops<S> const& ops, double s, double t, double r1 = 0.5) {
+  double const ls = ops.lambda(s), lt = ops.lambda(t), h = lt - ls;
+  DRDIFF_CHECK(h > 0, "dpmpp: a step must increase lambda, but lambda(s = ", s, ") = ", ls, " and lambda(t = ", t,
+               ") = ", lt);
+  singlestep_coefficients k;
+  k.t_mid = ops.t_of_lambda(ls + r1 * h);
+  k.stage1.a = std::exp(ops.log_sigma(k.t_mid) - ops.log_sigma(s));
+  k.stage1.b[0] = -ops.alpha(k.t_mid) * std::expm1(-r1 * h);
+  double const at = ops.alpha(t), phi1 = std::expm1(-h);
+  k.stage2.order = 2;
+  k.stage2.a = std::exp(ops.log_sigma(t) - ops.log_sigma(s));
+  k.stage2.b[0] = -at * phi1 * (1.0 - 0.5 / r1);
+  k.stage2.b[2] = -at * phi1 * (0.5 / r1);
   return k;
 }
 
