@@ -38,8 +38,14 @@ void update(context<cpu> const& ctx, step_coefficients const& k, T* x, T const* 
     else if (use1) xs = a * xs + b0 * map(m0) + b1 * map(m1);
     else if (use2) xs = a * xs + b0 * map(m0) + b2 * map(m2);
     else xs = a * xs + b0 * map(m0);
-    if (k.c != 0)
-      for (std::size_t i = 0; i < len; ++i) x[off + i] += T(k.c * noise(step, off + i));
+    if (k.c != 0) {  // pieces start at even indices: draw the Box–Muller pairs once
+      for (std::size_t i = 0; i < len; i += 2) {
+        double z0 = 0, z1 = 0;
+        noise.pair(step, (off + i) >> 1, z0, z1);
+        x[off + i] += T(k.c * z0);
+        if (i + 1 < len) x[off + i + 1] += T(k.c * z1);
+      }
+    }
   });
 }
 
