@@ -5,7 +5,7 @@
 #   scripts/gpu_lane.sh [quick]
 #
 # Builds the CUDA tests and benchmarks (sm_90), runs the CUDA tests, compute-sanitizer memcheck and
-# racecheck on the attention tests, the attention benchmarks (JSON in $OUT or out/), the
+# racecheck on the attention tests, the solver-update and attention benchmarks (JSON in $OUT or out/), the
 # side-by-side comparison with PyTorch (bench/compare/compare.py), and prints a short table.
 # `quick` skips the sanitizers and the PyTorch comparison.
 set -euo pipefail
@@ -24,11 +24,12 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
 cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.policy.cuda \
-  drdiff.bench.attention.cuda > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  drdiff.test.solver.cuda drdiff.bench.attention.cuda drdiff.bench.solver.cuda > "$out/build.log" 2>&1 \
+  || { tail -50 "$out/build.log"; exit 1; }
 
 status=0
 echo "== CUDA tests"
-(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.attention') > "$out/ctest_cuda.log" 2>&1 || status=1
+(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver)') > "$out/ctest_cuda.log" 2>&1 || status=1
 grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 if [ "$mode" != quick ]; then
   echo "== compute-sanitizer"
@@ -39,6 +40,8 @@ if [ "$mode" != quick ]; then
   done
 fi
 echo "== benchmarks"
+"$build/bench/drdiff.bench.solver.cuda" --benchmark_out="$out/bench_solver_cuda.json" --benchmark_out_format=json \
+  2>&1 | grep -E '^BM_' | tee "$out/bench_solver_cuda.txt" || status=1
 "$build/bench/drdiff.bench.attention.cuda" --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json \
   > "$out/bench_cuda.txt" 2>&1 || status=1
 if [ "$mode" != quick ] && python3 -c "import torch" 2>/dev/null; then
