@@ -270,3 +270,44 @@ TEST_CASE("mixture of deltas: 2M at 20 steps beats DDIM at 50, against a self-co
     REQUIRE(m2_20 < ddim50);
   }
 }
+
+TEST_CASE("epsilon- and v-prediction adapters give the data prediction", "[solver][model][cpu]") {
+  gaussian const g;
+  std::size_t const n = 4;
+  auto x0_model = [&](double const* x, double t, double* out) { g.x0(x, t, out, n); };
+  // The same denoiser expressed as ε = (x − α x̂0)/σ and v = (α x − x̂0)/σ.
+  auto eps_model = [&](double const* x, double t, double* out) {
+    g.x0(x, t, out, n);
+    for (std::size_t i = 0; i < n; ++i) out[i] = (x[i] - g.ops.alpha(t) * out[i]) / g.ops.sigma(t);
+  };
+  auto v_model = [&](double const* x, double t, double* out) {
+    g.x0(x, t, out, n);
+    for (std::size_t i = 0; i < n; ++i) out[i] = (g.ops.alpha(t) * x[i] - out[i]) / g.ops.sigma(t);
+  };
+  auto grid = make_grid(g.ops, 12, spacing::uniform_lambda, 1.0, 1e-3);
+  auto solve = [&](auto&& model) {
+    std::vector<double> x = {-1.0, 0.1, 0.9, 2.0}, ws(3 * n);
+    dpmpp_sample(context<cpu>{1}, g.ops, make(2), grid, model, x.data(), n, ws.data());
+    return x;
+  };
+  auto const a = solve(x0_model), b = solve(from_eps(g.ops, eps_model, n)), c = solve(from_v(g.ops, v_model, n));
+  for (std::size_t i = 0; i < n; ++i) {
+    REQUIRE(std::abs(a[i] - b[i]) <= 1e-12);
+    REQUIRE(std::abs(a[i] - c[i]) <= 1e-12);
+  }
+}
+
+TEST_CASE("hooks see every prediction and every state", "[solver][hooks][cpu]") {
+  auto const ops = solver::ops(vp_linear{});
+  auto grid = make_grid(ops, 8, spacing::uniform_t, 1.0, 1e-3);
+  std::vector<double> x = {0.3, -0.2, 1.5}, ws(9);
+  int x0_calls = 0, xt_calls = 0;
+  dpmpp_sample(
+      context<cpu>{1}, ops, make(2), grid, [](double const* xs, double, double* out) { for (int i = 0; i < 3; ++i) out[i] = 0.5 * xs[i]; },
+      x.data(), 3, ws.data(),
+      [&](double* x0, double) { ++x0_calls; x0[2] = 0.0; },          // e.g. clamp one coordinate
+      [&](double* xt, double, int) { ++xt_calls; xt[0] = 0.3; });    // e.g. keep a prompt position clean
+  REQUIRE(x0_calls == 8);
+  REQUIRE(xt_calls == 8);
+  REQUIRE(x[0] == 0.3);
+}
