@@ -15,4 +15,9 @@
 #include <drdiff/cuda/device.cuh>
 #include <drdiff/cuda/error.cuh>
 #include <drdiff/cuda/solver.cuh>
+#include <drdiff/router/routers.hpp>
+#include <drdiff/solver/dpmpp.hpp>
+#include <drdiff/solver/grid.hpp>
+#include <drdiff/solver/noise.hpp>
+#include <drdiff/solver/noise_schedule.hpp>
 #include <drdiff/version.hpp>

@@ -1,6 +1,7 @@
 #pragma once
 /// \file
-/// Umbrella header for CPU users: the core, every attention policy and the CPU (Eigen) backend.
+/// Umbrella header for CPU users: the core, attention policies, routers, solvers and the CPU (Eigen)
+/// backend.
 /// Needs only a C++17 compiler and Eigen 3.4; no CUDA toolkit.
 
 #include <drdiff/attention/args.hpp>
@@ -12,4 +13,13 @@
 #include <drdiff/core/error.hpp>
 #include <drdiff/cpu/attention.hpp>
 #include <drdiff/cpu/attention_reference.hpp>
+#include <drdiff/cpu/moe.hpp>
+#include <drdiff/cpu/solver.hpp>
+#include <drdiff/router/routers.hpp>
+#include <drdiff/solver/dpmpp.hpp>
+#include <drdiff/solver/grid.hpp>
+#include <drdiff/solver/model.hpp>
+#include <drdiff/solver/noise.hpp>
+#include <drdiff/solver/noise_schedule.hpp>
+#include <drdiff/solver/problems.hpp>
 #include <drdiff/version.hpp>

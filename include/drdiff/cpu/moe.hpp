@@ -1,0 +1,179 @@
+#pragma once
+/// \file
+/// A routed mixture-of-experts FFN on the CPU: router GEMM → per-token router functor → dropless
+/// dispatch by counting sort → per-expert GEMMs (Eigen) on gathered rows → combine in a fixed order.
+/// A token's output is Σ_j w_j · FFN_{e_j}(x) summed in its selection order, so it does not depend on
+/// thread timing; rows of one expert are computed together, so other tokens of the batch only enter
+/// through GEMM blocking (agreement to rounding, see the tests).
+
+#include <drdiff/core/backend.hpp>
+#include <drdiff/core/error.hpp>
+#include <drdiff/cpu/detail/parallel.hpp>
+#include <drdiff/router/routers.hpp>
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+DRDIFF_NAMESPACE_BEGIN
+namespace router {
+
+enum class activation { gelu, swiglu };
+
+/// Shapes and tensors of one MoE call (row-major, fp32, host memory).
+struct moe_args {
+  int tokens = 0, d_model = 0, d_ff = 0, experts = 0;
+  float const* x = nullptr;         ///< [tokens × d_model]
+  float const* w_router = nullptr;  ///< [experts × d_model]: logits s(h) = W·h + b
+  float const* b_router = nullptr;  ///< [experts], optional
+  float const* w_up = nullptr;      ///< [experts × d_ff × d_model]
+  float const* w_gate = nullptr;    ///< [experts × d_ff × d_model], SwiGLU only: act = silu(gate) ⊙ up
+  float const* w_down = nullptr;    ///< [experts × d_model × d_ff]
+  float* out = nullptr;             ///< [tokens × d_model]
+  activation act = activation::gelu;
+  float timestep = 0.f;                       ///< passed to the router (token_info::timestep)
+  float const* maybe_token_scores = nullptr;  ///< [tokens], passed as token_info::score
+};
+
+/// Per-call statistics for monitoring.
+struct moe_stats {
+  std::vector<int> tokens_per_expert;  ///< selections per expert
+  double mean_active = 0;              ///< mean experts per token
+  double balance_loss = 0;             ///< Switch: E · Σ_i f_i P_i (f: share of tokens whose argmax is i; P: mean prob)
+  double z_loss = 0;                   ///< mean over tokens of (log Σ_e exp s_e)²
+};
+
+/// The routing decision of a batch: up to `width` (expert, weight) pairs per token.
+struct routing {
+  int width = 0;
+  std::vector<int> count, expert;
+  std::vector<float> weight;
+  std::vector<int> offsets;  ///< [experts + 1]: rows of expert e are slots offsets[e] .. offsets[e+1]
+  std::vector<int> slot_entry;  ///< slot → token·width + j (grouped by expert, tokens in order)
+  std::vector<int> entry_slot;  ///< token·width + j → slot
+};
+
+namespace detail {
+inline void check_moe(moe_args const& a) {
+  DRDIFF_CHECK(a.experts > 0 && a.experts <= max_experts, "moe: experts E = ", a.experts, " must be in 1..",
+               max_experts);
+  DRDIFF_CHECK(a.tokens >= 0, "moe: tokens = ", a.tokens, " must be >= 0");
+  DRDIFF_CHECK(a.d_model > 0, "moe: d_model = ", a.d_model, " must be > 0");
+  DRDIFF_CHECK(a.d_ff > 0, "moe: d_ff = ", a.d_ff, " must be > 0");
+  DRDIFF_CHECK(a.x && a.w_router && a.w_up && a.w_down && a.out, "moe: x, w_router, w_up, w_down and out must be set");
+  DRDIFF_CHECK(a.act != activation::swiglu || a.w_gate, "moe: SwiGLU needs w_gate");
+}
+inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+}  // namespace detail
+
+/// Routes every token (logits from the router GEMM) and groups the selections by expert (counting
+/// sort: histogram, exclusive scan, stable scatter). Non-finite logits are an error.
+template <class Router>
+routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_stats* stats = nullptr) {
+  detail::check_moe(a);
+  r.validate(a.experts);
+  int const T = a.tokens, E = a.experts, d = a.d_model;
+  using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<mat const> x(a.x, T, d), w(a.w_router, E, d);
+  mat logits = x * w.transpose();  // (T, E)
+  if (a.b_router) logits.rowwise() += Eigen::Map<Eigen::RowVectorXf const>(a.b_router, E);
+
+  routing rt;
+  rt.width = r.max_selected(E);
+  rt.count.assign(T, 0);
+  rt.expert.assign(std::size_t(T) * rt.width, -1);
+  rt.weight.assign(std::size_t(T) * rt.width, 0.f);
+  std::vector<double> lse(T), top1(T), prob_sum(E, 0.0);
+  int const threads = drdiff::detail::resolve_threads(ctx.num_threads);
+  drdiff::detail::parallel_for(threads, T, [&](std::int64_t t, int) {
+    float const* z = logits.data() + t * E;
+    for (int e = 0; e < E; ++e)
+      DRDIFF_CHECK(std::isfinite(z[e]), "moe: router logit [token ", t, ", expert ", e, "] = ", z[e], " is not finite");
+    token_info info;
+    info.token = int(t);
+    info.timestep = a.timestep;
+    info.score = a.maybe_token_scores ? a.maybe_token_scores[t] : 0.f;
+    rt.count[t] = r(z, E, info, rt.expert.data() + t * rt.width, rt.weight.data() + t * rt.width);
+    float p[max_experts];
+    lse[t] = router::detail::softmax(z, E, p);
+    int best = 0;
+    for (int e = 1; e < E; ++e) best = p[e] > p[best] ? e : best;
+    top1[t] = best;
+  });
+  // Counting sort of the selections by expert, stable in token order.
+  rt.offsets.assign(E + 1, 0);
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < rt.count[t]; ++j) ++rt.offsets[rt.expert[std::size_t(t) * rt.width + j] + 1];
+  for (int e = 0; e < E; ++e) rt.offsets[e + 1] += rt.offsets[e];
+  std::vector<int> next(rt.offsets.begin(), rt.offsets.end() - 1);
+  rt.slot_entry.assign(rt.offsets[E], 0);
+  rt.entry_slot.assign(std::size_t(T) * rt.width, -1);
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < rt.count[t]; ++j) {
+      int const entry = t * rt.width + j, slot = next[rt.expert[entry]]++;
+      rt.slot_entry[slot] = entry;
+      rt.entry_slot[entry] = slot;
+    }
+  if (stats) {
+    stats->tokens_per_expert.assign(E, 0);
+    for (int e = 0; e < E; ++e) stats->tokens_per_expert[e] = rt.offsets[e + 1] - rt.offsets[e];
+    double active = 0, z2 = 0;
+    std::vector<double> f(E, 0.0), P(E, 0.0);
+    for (int t = 0; t < T; ++t) {
+      active += rt.count[t];
+      z2 += lse[t] * lse[t];
+      f[int(top1[t])] += 1.0;
+      float p[max_experts];
+      router::detail::softmax(logits.data() + std::size_t(t) * E, E, p);
+      for (int e = 0; e < E; ++e) P[e] += p[e];
+    }
+    double loss = 0;
+    for (int e = 0; e < E; ++e) loss += (f[e] / std::max(T, 1)) * (P[e] / std::max(T, 1));
+    stats->mean_active = T ? active / T : 0.0;
+    stats->z_loss = T ? z2 / T : 0.0;
+    stats->balance_loss = E * loss;
+  }
+  return rt;
+}
+
+/// The routed MoE FFN: out[t] = Σ_j w_{t,j} · FFN_{e_{t,j}}(x[t]), dropless.
+template <class Router>
+void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_stats* stats = nullptr) {
+  routing const rt = route(ctx, r, a, stats);
+  int const E = a.experts, d = a.d_model, f = a.d_ff;
+  using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  mat y(rt.offsets[E], d);  // expert outputs in slot order
+  int const threads = drdiff::detail::resolve_threads(ctx.num_threads);
+  drdiff::detail::parallel_for(threads, E, [&](std::int64_t e, int) {
+    int const begin = rt.offsets[e], rows = rt.offsets[e + 1] - begin;
+    if (rows == 0) return;
+    mat xe(rows, d);  // gathered rows of this expert's tokens
+    for (int i = 0; i < rows; ++i)
+      xe.row(i) = Eigen::Map<Eigen::RowVectorXf const>(a.x + std::size_t(rt.slot_entry[begin + i] / rt.width) * d, d);
+    Eigen::Map<mat const> up(a.w_up + std::size_t(e) * f * d, f, d), down(a.w_down + std::size_t(e) * d * f, d, f);
+    mat h = xe * up.transpose();  // (rows, d_ff)
+    if (a.act == activation::swiglu) {
+      Eigen::Map<mat const> gate(a.w_gate + std::size_t(e) * f * d, f, d);
+      mat g = xe * gate.transpose();
+      h = h.array() * g.unaryExpr([](float v) { return detail::silu(v); }).array();
+    } else {
+      h = h.unaryExpr([](float v) { return detail::gelu(v); });
+    }
+    y.middleRows(begin, rows).noalias() = h * down.transpose();  // (rows, d_model)
+  });
+  // Combine: each token sums its experts in selection order (no cross-expert atomics).
+  drdiff::detail::parallel_for(threads, a.tokens, [&](std::int64_t t, int) {
+    Eigen::Map<Eigen::RowVectorXf> o(a.out + std::size_t(t) * d, d);
+    o.setZero();
+    for (int j = 0; j < rt.count[t]; ++j) {
+      std::size_t const entry = std::size_t(t) * rt.width + j;
+      o += rt.weight[entry] * y.row(rt.entry_slot[entry]);
+    }
+  });
+}
+
+}  // namespace router
+DRDIFF_NAMESPACE_END
