@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -147,7 +148,8 @@ TEST_CASE("a selection bias moves the choice but not the weights' source", "[rou
 namespace {
 struct moe_problem {
   int T, d, f, E;
-  std::vector<float> x, wr, br, up, gate, down, out;
+  std::vector<float> x, wr, br, up, gate, down, out, s_up, s_gate, s_down;
+  int shared = 0;
   moe_problem(int t, int dm, int ff, int e, std::uint64_t seed) : T(t), d(dm), f(ff), E(e) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> nd(0.f, 1.f);
@@ -161,6 +163,9 @@ struct moe_problem {
     fill(up, std::size_t(E) * f * d, 1.f / std::sqrt(float(d)));
     fill(gate, std::size_t(E) * f * d, 1.f / std::sqrt(float(d)));
     fill(down, std::size_t(E) * d * f, 1.f / std::sqrt(float(f)));
+    fill(s_up, std::size_t(2) * f * d, 1.f / std::sqrt(float(d)));
+    fill(s_gate, std::size_t(2) * f * d, 1.f / std::sqrt(float(d)));
+    fill(s_down, std::size_t(2) * d * f, 1.f / std::sqrt(float(f)));
     out.assign(std::size_t(T) * d, std::nanf(""));
   }
   moe_args args(activation act) {
@@ -169,11 +174,30 @@ struct moe_problem {
     a.x = x.data(); a.w_router = wr.data(); a.b_router = br.data();
     a.w_up = up.data(); a.w_gate = gate.data(); a.w_down = down.data(); a.out = out.data();
     a.act = act;
+    a.shared_experts = shared;
+    a.w_shared_up = s_up.data(); a.w_shared_gate = s_gate.data(); a.w_shared_down = s_down.data();
     return a;
   }
-  /// out[t] by a per-token loop in double over the router's own selection.
+  /// FFN of expert rows (up, gate, down) on token t, in double.
+  std::vector<double> ffn(float const* u, float const* g, float const* dn, int t, activation act) const {
+    std::vector<double> h(f), y(d, 0.0);
+    for (int i = 0; i < f; ++i) {
+      double uu = 0, gg = 0;
+      for (int k = 0; k < d; ++k) {
+        uu += double(x[std::size_t(t) * d + k]) * u[std::size_t(i) * d + k];
+        gg += double(x[std::size_t(t) * d + k]) * g[std::size_t(i) * d + k];
+      }
+      h[i] = act == activation::gelu ? 0.5 * uu * (1 + std::erf(uu / std::sqrt(2.0))) : uu * gg / (1 + std::exp(-gg));
+    }
+    for (int k = 0; k < d; ++k)
+      for (int i = 0; i < f; ++i) y[k] += h[i] * dn[std::size_t(k) * f + i];
+    return y;
+  }
+  /// out[t] by a per-token loop in double over the router's own selection (minus the selections
+  /// `keep` rejects), plus the shared experts.
   template <class R>
-  std::vector<double> reference(R const& r, activation act) const {
+  std::vector<double> reference(R const& r, activation act,
+                                std::function<bool(int, int)> const& keep = [](int, int) { return true; }) const {
     std::vector<double> o(std::size_t(T) * d, 0.0);
     for (int t = 0; t < T; ++t) {
       std::vector<float> z(E);
@@ -186,41 +210,40 @@ struct moe_problem {
       std::vector<float> w(r.max_selected(E));
       int const n = r(z.data(), E, token_info{}, ex.data(), w.data());
       for (int j = 0; j < n; ++j) {
-        int const e = ex[j];
-        std::vector<double> h(f);
-        for (int i = 0; i < f; ++i) {
-          double u = 0, g = 0;
-          for (int k = 0; k < d; ++k) {
-            u += double(x[std::size_t(t) * d + k]) * up[(std::size_t(e) * f + i) * d + k];
-            g += double(x[std::size_t(t) * d + k]) * gate[(std::size_t(e) * f + i) * d + k];
-          }
-          h[i] = act == activation::gelu ? 0.5 * u * (1 + std::erf(u / std::sqrt(2.0))) : u * g / (1 + std::exp(-g));
-        }
-        for (int k = 0; k < d; ++k) {
-          double y = 0;
-          for (int i = 0; i < f; ++i) y += h[i] * down[(std::size_t(e) * d + k) * f + i];
-          o[std::size_t(t) * d + k] += w[j] * y;
-        }
+        if (!keep(t, j)) continue;
+        std::size_t const off = std::size_t(ex[j]) * f * d;
+        auto const y = ffn(up.data() + off, gate.data() + off, down.data() + off, t, act);
+        for (int k = 0; k < d; ++k) o[std::size_t(t) * d + k] += w[j] * y[k];
+      }
+      for (int sh = 0; sh < shared; ++sh) {
+        std::size_t const off = std::size_t(sh) * f * d;
+        auto const y = ffn(s_up.data() + off, s_gate.data() + off, s_down.data() + off, t, act);
+        for (int k = 0; k < d; ++k) o[std::size_t(t) * d + k] += y[k];
       }
     }
     return o;
   }
 };
 
-template <class R>
-void check_moe(R const& r, activation act, std::uint64_t seed) {
-  moe_problem p(97, 32, 64, 8, seed);
-  moe_stats st;
-  moe_forward(context<cpu>{2}, r, p.args(act), &st);
-  auto const ref = p.reference(r, act);
+double rel_diff(std::vector<float> const& out, std::vector<double> const& ref) {
   double diff = 0, mag = 0;
   for (std::size_t i = 0; i < ref.size(); ++i) {
-    REQUIRE(std::isfinite(p.out[i]));
-    diff = std::max(diff, std::abs(p.out[i] - ref[i]));
+    if (!std::isfinite(out[i])) return INFINITY;
+    diff = std::max(diff, std::abs(out[i] - ref[i]));
     mag = std::max(mag, std::abs(ref[i]));
   }
-  INFO("max abs diff " << diff << ", max |ref| " << mag);
-  REQUIRE(diff / mag <= 1e-5);
+  return diff / mag;
+}
+
+template <class R>
+void check_moe(R const& r, activation act, std::uint64_t seed, int shared = 0) {
+  moe_problem p(97, 32, 64, 8, seed);
+  p.shared = shared;
+  moe_stats st;
+  moe_forward(context<cpu>{2}, r, p.args(act), &st);
+  double const err = rel_diff(p.out, p.reference(r, act));
+  INFO("relative error " << err);
+  REQUIRE(err <= 1e-5);
 }
 }  // namespace
 
@@ -231,6 +254,38 @@ TEST_CASE("the routed MoE equals a per-token loop over the selected experts", "[
   check_moe(top_k{1, false}, activation::swiglu, seed + 1);
   check_moe(top_p{0.5f, 1, 4, false}, activation::gelu, seed + 2);
   check_moe(adaptive<entropy_score>{1, 4}, activation::swiglu, seed + 3);
+  check_moe(top_k{2, true}, activation::swiglu, seed + 4, /*shared=*/2);  // shared experts always on
+}
+
+TEST_CASE("a capacity limit drops the selections past it, in token order", "[router][moe][cpu]") {
+  moe_problem p(120, 16, 32, 4, test::fresh_seed());
+  top_k const r{2, true};
+  auto a = p.args(activation::gelu);
+  a.capacity_factor = 0.5f;  // ⌈0.5·120·2/4⌉ = 30 rows per expert
+  moe_stats st;
+  auto const rt = route(context<cpu>{2}, r, a, &st);
+  // The expected drops, replayed from a dropless routing in token order.
+  auto b = a;
+  b.capacity_factor = 0.f;
+  auto const full = route(context<cpu>{1}, r, b);
+  std::vector<int> used(p.E, 0);
+  std::vector<char> keep(std::size_t(p.T) * full.width, 0);
+  int expected_drops = 0;
+  for (int t = 0; t < p.T; ++t)
+    for (int j = 0; j < full.count[t]; ++j) {
+      int const e = full.expert[t * full.width + j];
+      if (used[e] < 30) ++used[e], keep[t * full.width + j] = 1;
+      else ++expected_drops;
+    }
+  REQUIRE(expected_drops > 0);
+  REQUIRE(st.dropped == expected_drops);
+  for (int e = 0; e < p.E; ++e) REQUIRE(st.tokens_per_expert[e] <= 30);
+  moe_forward(context<cpu>{2}, r, a);
+  double const err = rel_diff(p.out, p.reference(r, activation::gelu, [&](int t, int j) {
+    return keep[std::size_t(t) * full.width + j] != 0;
+  }));
+  INFO("relative error " << err);
+  REQUIRE(err <= 1e-5);
 }
 
 TEST_CASE("dispatch is a stable permutation grouped by expert, and the statistics match their formulas",
@@ -310,6 +365,13 @@ TEST_CASE("bad routing input is rejected", "[router][errors][cpu]") {
   b.w_gate = nullptr;
   b.act = activation::swiglu;
   REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, top_k{1, true}, b), Contains("w_gate"));
+  b = a;
+  b.capacity_factor = -1.f;
+  REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, top_k{1, true}, b), Contains("capacity_factor = -1"));
+  b = a;
+  b.shared_experts = 1;
+  b.w_shared_up = nullptr;
+  REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, top_k{1, true}, b), Contains("shared_experts = 1"));
   p.x[3] = std::nanf("");
   REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, top_k{1, true}, p.args(activation::gelu)), Contains("not finite"));
   REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, biased<top_k>{top_k{1, true}, nullptr}, a), Contains("bias"));

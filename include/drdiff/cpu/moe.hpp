@@ -33,6 +33,11 @@ struct moe_args {
   float const* w_down = nullptr;    ///< [experts × d_model × d_ff]
   float* out = nullptr;             ///< [tokens × d_model]
   activation act = activation::gelu;
+  int shared_experts = 0;           ///< always-on experts added to every token with weight 1 (DeepSeekMoE)
+  float const* w_shared_up = nullptr;    ///< [shared × d_ff × d_model]
+  float const* w_shared_gate = nullptr;  ///< [shared × d_ff × d_model], SwiGLU only
+  float const* w_shared_down = nullptr;  ///< [shared × d_model × d_ff]
+  float capacity_factor = 0.f;  ///< 0: dropless; > 0: each expert keeps at most ⌈cf·T·k/E⌉ rows, in token order
   float timestep = 0.f;                       ///< passed to the router (token_info::timestep)
   float const* maybe_token_scores = nullptr;  ///< [tokens], passed as token_info::score
 };
@@ -43,6 +48,7 @@ struct moe_stats {
   double mean_active = 0;              ///< mean experts per token
   double balance_loss = 0;             ///< Switch: E · Σ_i f_i P_i (f: share of tokens whose argmax is i; P: mean prob)
   double z_loss = 0;                   ///< mean over tokens of (log Σ_e exp s_e)²
+  int dropped = 0;                     ///< selections dropped by the capacity limit
 };
 
 /// The routing decision of a batch: up to `width` (expert, weight) pairs per token.
@@ -64,6 +70,12 @@ inline void check_moe(moe_args const& a) {
   DRDIFF_CHECK(a.d_ff > 0, "moe: d_ff = ", a.d_ff, " must be > 0");
   DRDIFF_CHECK(a.x && a.w_router && a.w_up && a.w_down && a.out, "moe: x, w_router, w_up, w_down and out must be set");
   DRDIFF_CHECK(a.act != activation::swiglu || a.w_gate, "moe: SwiGLU needs w_gate");
+  DRDIFF_CHECK(a.shared_experts >= 0, "moe: shared_experts = ", a.shared_experts, " must be >= 0");
+  DRDIFF_CHECK(a.shared_experts == 0 || (a.w_shared_up && a.w_shared_down &&
+                                         (a.act != activation::swiglu || a.w_shared_gate)),
+               "moe: shared_experts = ", a.shared_experts, " but the shared expert weights are not set");
+  DRDIFF_CHECK(std::isfinite(a.capacity_factor) && a.capacity_factor >= 0.f, "moe: capacity_factor = ",
+               a.capacity_factor, " must be >= 0 (0 = dropless)");
 }
 inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -108,12 +120,31 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < rt.count[t]; ++j) ++rt.offsets[rt.expert[std::size_t(t) * rt.width + j] + 1];
   for (int e = 0; e < E; ++e) rt.offsets[e + 1] += rt.offsets[e];
+  int dropped = 0;
+  if (a.capacity_factor > 0.f) {  // keep the first `cap` selections of each expert, in token order
+    int const cap = int(std::ceil(double(a.capacity_factor) * T * rt.width / E));
+    std::vector<int> kept(E, 0);
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < rt.count[t]; ++j) {
+        int const entry = t * rt.width + j, e = rt.expert[entry];
+        if (kept[e] < cap) {
+          ++kept[e];
+        } else {
+          rt.weight[entry] = 0.f;
+          rt.expert[entry] = -1;  // dropped: contributes nothing (the residual carries the token)
+          ++dropped;
+        }
+      }
+    for (int e = 0; e < E; ++e) rt.offsets[e + 1] = rt.offsets[e] + kept[e];
+  }
   std::vector<int> next(rt.offsets.begin(), rt.offsets.end() - 1);
   rt.slot_entry.assign(rt.offsets[E], 0);
   rt.entry_slot.assign(std::size_t(T) * rt.width, -1);
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < rt.count[t]; ++j) {
-      int const entry = t * rt.width + j, slot = next[rt.expert[entry]]++;
+      int const entry = t * rt.width + j;
+      if (rt.expert[entry] < 0) continue;
+      int const slot = next[rt.expert[entry]]++;
       rt.slot_entry[slot] = entry;
       rt.entry_slot[entry] = slot;
     }
@@ -135,16 +166,30 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
     stats->mean_active = T ? active / T : 0.0;
     stats->z_loss = T ? z2 / T : 0.0;
     stats->balance_loss = E * loss;
+    stats->dropped = dropped;
   }
   return rt;
 }
 
-/// The routed MoE FFN: out[t] = Σ_j w_{t,j} · FFN_{e_{t,j}}(x[t]), dropless.
+/// The routed MoE FFN: out[t] = Σ_j w_{t,j} · FFN_{e_{t,j}}(x[t]) + Σ_s FFN_shared_s(x[t]); dropless
+/// unless capacity_factor > 0.
 template <class Router>
 void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_stats* stats = nullptr) {
   routing const rt = route(ctx, r, a, stats);
   int const E = a.experts, d = a.d_model, f = a.d_ff;
   using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  // y = act(x·upᵀ [, x·gateᵀ])·downᵀ for the rows of x.
+  auto ffn = [&](mat const& xe, float const* w_up, float const* w_gate, float const* w_down) -> mat {
+    Eigen::Map<mat const> up(w_up, f, d), down(w_down, d, f);
+    mat h = xe * up.transpose();  // (rows, d_ff)
+    if (a.act == activation::swiglu) {
+      mat const g = xe * Eigen::Map<mat const>(w_gate, f, d).transpose();
+      h = h.array() * g.unaryExpr([](float v) { return detail::silu(v); }).array();
+    } else {
+      h = h.unaryExpr([](float v) { return detail::gelu(v); });
+    }
+    return h * down.transpose();  // (rows, d_model)
+  };
   mat y(rt.offsets[E], d);  // expert outputs in slot order
   int const threads = drdiff::detail::resolve_threads(ctx.num_threads);
   drdiff::detail::parallel_for(threads, E, [&](std::int64_t e, int) {
@@ -153,25 +198,28 @@ void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, mo
     mat xe(rows, d);  // gathered rows of this expert's tokens
     for (int i = 0; i < rows; ++i)
       xe.row(i) = Eigen::Map<Eigen::RowVectorXf const>(a.x + std::size_t(rt.slot_entry[begin + i] / rt.width) * d, d);
-    Eigen::Map<mat const> up(a.w_up + std::size_t(e) * f * d, f, d), down(a.w_down + std::size_t(e) * d * f, d, f);
-    mat h = xe * up.transpose();  // (rows, d_ff)
-    if (a.act == activation::swiglu) {
-      Eigen::Map<mat const> gate(a.w_gate + std::size_t(e) * f * d, f, d);
-      mat g = xe * gate.transpose();
-      h = h.array() * g.unaryExpr([](float v) { return detail::silu(v); }).array();
-    } else {
-      h = h.unaryExpr([](float v) { return detail::gelu(v); });
-    }
-    y.middleRows(begin, rows).noalias() = h * down.transpose();  // (rows, d_model)
+    std::size_t const off = std::size_t(e) * f * d;
+    y.middleRows(begin, rows) = ffn(xe, a.w_up + off, a.w_gate ? a.w_gate + off : nullptr, a.w_down + off);
   });
+  // Shared experts: dense over all tokens, added after the routed experts (weight 1).
+  mat shared;
+  if (a.shared_experts > 0) {
+    Eigen::Map<mat const> x(a.x, a.tokens, d);
+    shared = mat::Zero(a.tokens, d);
+    for (int s = 0; s < a.shared_experts; ++s) {
+      std::size_t const off = std::size_t(s) * f * d;
+      shared += ffn(x, a.w_shared_up + off, a.w_shared_gate ? a.w_shared_gate + off : nullptr, a.w_shared_down + off);
+    }
+  }
   // Combine: each token sums its experts in selection order (no cross-expert atomics).
   drdiff::detail::parallel_for(threads, a.tokens, [&](std::int64_t t, int) {
     Eigen::Map<Eigen::RowVectorXf> o(a.out + std::size_t(t) * d, d);
     o.setZero();
     for (int j = 0; j < rt.count[t]; ++j) {
       std::size_t const entry = std::size_t(t) * rt.width + j;
-      o += rt.weight[entry] * y.row(rt.entry_slot[entry]);
+      if (rt.entry_slot[entry] >= 0) o += rt.weight[entry] * y.row(rt.entry_slot[entry]);
     }
+    if (a.shared_experts > 0) o += shared.row(t);
   });
 }
 
