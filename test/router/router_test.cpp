@@ -376,3 +376,46 @@ TEST_CASE("bad routing input is rejected", "[router][errors][cpu]") {
   REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, top_k{1, true}, p.args(activation::gelu)), Contains("not finite"));
   REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, biased<top_k>{top_k{1, true}, nullptr}, a), Contains("bias"));
 }
+
+TEST_CASE("expert choice: each expert takes its top tokens; output equals the per-token loop",
+          "[router][moe][expert_choice][cpu]") {
+  moe_problem p(50, 16, 32, 5, test::fresh_seed());
+  auto a = p.args(activation::gelu);
+  expert_choice const ec{2.f};  // c = ⌈2·50/5⌉ = 20 tokens per expert
+  moe_stats st;
+  auto const rt = route(context<cpu>{2}, ec, a, &st);
+  // Plain loop: probabilities, then each expert's top-20 tokens.
+  std::vector<std::vector<double>> prob(p.T);
+  for (int t = 0; t < p.T; ++t) {
+    std::vector<float> z(p.E);
+    for (int e = 0; e < p.E; ++e) {
+      double s = p.br[e];
+      for (int k = 0; k < p.d; ++k) s += double(p.x[std::size_t(t) * p.d + k]) * p.wr[std::size_t(e) * p.d + k];
+      z[e] = float(s);
+    }
+    prob[t] = softmax_ref(z);
+  }
+  std::vector<std::vector<int>> chooses(p.T);
+  for (int e = 0; e < p.E; ++e) {
+    std::vector<int> idx(p.T);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int u, int v) { return prob[u][e] > prob[v][e]; });
+    for (int i = 0; i < 20; ++i) chooses[idx[i]].push_back(e);
+  }
+  for (int t = 0; t < p.T; ++t) {
+    std::sort(chooses[t].begin(), chooses[t].end());
+    REQUIRE(rt.count[t] == int(chooses[t].size()));
+    for (int j = 0; j < rt.count[t]; ++j) REQUIRE(rt.expert[t * rt.width + j] == chooses[t][j]);
+  }
+  REQUIRE(st.mean_active == Approx(2.0));
+  moe_forward(context<cpu>{2}, ec, a);
+  std::vector<double> ref(std::size_t(p.T) * p.d, 0.0);
+  for (int t = 0; t < p.T; ++t)
+    for (int e : chooses[t]) {
+      std::size_t const off = std::size_t(e) * p.f * p.d;
+      auto const y = p.ffn(p.up.data() + off, p.gate.data() + off, p.down.data() + off, t, activation::gelu);
+      for (int k = 0; k < p.d; ++k) ref[std::size_t(t) * p.d + k] += prob[t][e] * y[k];
+    }
+  REQUIRE(rel_diff(p.out, ref) <= 1e-5);
+  REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, expert_choice{0.f}, a), Contains("capacity = 0"));
+}

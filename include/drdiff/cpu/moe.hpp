@@ -13,6 +13,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -171,11 +172,9 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
   return rt;
 }
 
-/// The routed MoE FFN: out[t] = Σ_j w_{t,j} · FFN_{e_{t,j}}(x[t]) + Σ_s FFN_shared_s(x[t]); dropless
-/// unless capacity_factor > 0.
-template <class Router>
-void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_stats* stats = nullptr) {
-  routing const rt = route(ctx, r, a, stats);
+/// Runs the experts of a routing decision and combines: out[t] = Σ_j w_{t,j} · FFN_{e_{t,j}}(x[t]) +
+/// Σ_s FFN_shared_s(x[t]), each token's terms summed in its selection order.
+inline void moe_apply(context<cpu> const& ctx, routing const& rt, moe_args const& a) {
   int const E = a.experts, d = a.d_model, f = a.d_ff;
   using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   // y = act(x·upᵀ [, x·gateᵀ])·downᵀ for the rows of x.
@@ -221,6 +220,93 @@ void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, mo
     }
     if (a.shared_experts > 0) o += shared.row(t);
   });
+}
+
+
+/// The routed MoE FFN with a token-choice router: dropless unless capacity_factor > 0.
+template <class Router>
+void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_stats* stats = nullptr) {
+  moe_apply(ctx, route(ctx, r, a, stats), a);
+}
+
+/// Expert choice (Zhou et al., arXiv 2202.09368): each expert takes the c = ⌈capacity·T/E⌉ tokens
+/// of highest router probability (ties: lower token index); a token gets 0..E experts, weighted by
+/// their probabilities. Batch-dependent by construction: a token's output depends on the other
+/// tokens of the call, so a diffusion sample's x̂0 is no longer a per-sample function (prefer token
+/// choice at inference).
+struct expert_choice {
+  float capacity = 2.f;
+  void validate(int) const {
+    DRDIFF_CHECK(std::isfinite(capacity) && capacity > 0.f, "expert_choice: capacity = ", capacity, " must be > 0");
+  }
+};
+
+/// The routing decision of expert choice, in the same form as route()'s.
+inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args const& a, moe_stats* stats = nullptr) {
+  detail::check_moe(a);
+  r.validate(a.experts);
+  int const T = a.tokens, E = a.experts, d = a.d_model;
+  using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<mat const> x(a.x, T, d), w(a.w_router, E, d);
+  mat prob = x * w.transpose();  // (T, E) logits, then probabilities
+  if (a.b_router) prob.rowwise() += Eigen::Map<Eigen::RowVectorXf const>(a.b_router, E);
+  for (int t = 0; t < T; ++t) {
+    float* z = prob.data() + std::size_t(t) * E;
+    for (int e = 0; e < E; ++e)
+      DRDIFF_CHECK(std::isfinite(z[e]), "moe: router logit [token ", t, ", expert ", e, "] = ", z[e], " is not finite");
+    float p[max_experts];
+    router::detail::softmax(z, E, p);
+    std::copy(p, p + E, z);
+  }
+  int const c = std::min(T, int(std::ceil(double(r.capacity) * T / E)));
+  routing rt;
+  rt.width = E;
+  rt.count.assign(T, 0);
+  rt.expert.assign(std::size_t(T) * E, -1);
+  rt.weight.assign(std::size_t(T) * E, 0.f);
+  std::vector<char> chosen(std::size_t(T) * E, 0);
+  drdiff::detail::parallel_for(drdiff::detail::resolve_threads(ctx.num_threads), E, [&](std::int64_t e, int) {
+    std::vector<int> idx(T);
+    for (int t = 0; t < T; ++t) idx[t] = t;
+    std::partial_sort(idx.begin(), idx.begin() + c, idx.end(), [&](int u, int v) {
+      float const pu = prob(u, e), pv = prob(v, e);
+      return pu > pv || (pu == pv && u < v);
+    });
+    for (int i = 0; i < c; ++i) chosen[std::size_t(idx[i]) * E + e] = 1;
+  });
+  for (int t = 0; t < T; ++t)  // each token's experts in increasing index: a fixed combine order
+    for (int e = 0; e < E; ++e)
+      if (chosen[std::size_t(t) * E + e]) {
+        std::size_t const entry = std::size_t(t) * E + rt.count[t]++;
+        rt.expert[entry] = e;
+        rt.weight[entry] = prob(t, e);
+      }
+  rt.offsets.assign(E + 1, 0);
+  for (int e = 0; e < E; ++e) rt.offsets[e + 1] = rt.offsets[e] + c;
+  std::vector<int> next(rt.offsets.begin(), rt.offsets.end() - 1);
+  rt.slot_entry.assign(rt.offsets[E], 0);
+  rt.entry_slot.assign(std::size_t(T) * E, -1);
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < rt.count[t]; ++j) {
+      int const entry = t * E + j, slot = next[rt.expert[entry]]++;
+      rt.slot_entry[slot] = entry;
+      rt.entry_slot[entry] = slot;
+    }
+  if (stats) {
+    stats->tokens_per_expert.assign(E, c);
+    double active = 0;
+    for (int t = 0; t < T; ++t) active += rt.count[t];
+    stats->mean_active = T ? active / T : 0.0;
+    stats->balance_loss = 1.0;  // every expert takes exactly c tokens
+    stats->z_loss = 0.0;
+    stats->dropped = 0;
+  }
+  return rt;
+}
+
+/// The MoE FFN with expert-choice routing.
+inline void moe_forward(context<cpu> const& ctx, expert_choice const& r, moe_args const& a, moe_stats* stats = nullptr) {
+  moe_apply(ctx, route(ctx, r, a, stats), a);
 }
 
 }  // namespace router
