@@ -191,24 +191,37 @@ inline void moe_apply(context<cpu> const& ctx, routing const& rt, moe_args const
   };
   mat y(rt.offsets[E], d);  // expert outputs in slot order
   int const threads = drdiff::detail::resolve_threads(ctx.num_threads);
-  drdiff::detail::parallel_for(threads, E, [&](std::int64_t e, int) {
-    int const begin = rt.offsets[e], rows = rt.offsets[e + 1] - begin;
-    if (rows == 0) return;
-    mat xe(rows, d);  // gathered rows of this expert's tokens
-    for (int i = 0; i < rows; ++i)
-      xe.row(i) = Eigen::Map<Eigen::RowVectorXf const>(a.x + std::size_t(rt.slot_entry[begin + i] / rt.width) * d, d);
-    std::size_t const off = std::size_t(e) * f * d;
-    y.middleRows(begin, rows) = ffn(xe, a.w_up + off, a.w_gate ? a.w_gate + off : nullptr, a.w_down + off);
+  // Work items: each expert's rows in chunks of at most `chunk_rows`, so few experts (or one busy
+  // expert) still use every thread. A row's result does not depend on the chunking beyond GEMM
+  // blocking.
+  constexpr int chunk_rows = 256;
+  struct item { int expert, begin, rows; };
+  std::vector<item> items;
+  for (int e = 0; e < E; ++e)
+    for (int b = rt.offsets[e]; b < rt.offsets[e + 1]; b += chunk_rows)
+      items.push_back({e, b, std::min(chunk_rows, rt.offsets[e + 1] - b)});
+  drdiff::detail::parallel_for(threads, std::int64_t(items.size()), [&](std::int64_t i, int) {
+    item const it = items[std::size_t(i)];
+    mat xe(it.rows, d);  // gathered rows of this expert's tokens
+    for (int r = 0; r < it.rows; ++r)
+      xe.row(r) = Eigen::Map<Eigen::RowVectorXf const>(a.x + std::size_t(rt.slot_entry[it.begin + r] / rt.width) * d, d);
+    std::size_t const off = std::size_t(it.expert) * f * d;
+    y.middleRows(it.begin, it.rows) = ffn(xe, a.w_up + off, a.w_gate ? a.w_gate + off : nullptr, a.w_down + off);
   });
-  // Shared experts: dense over all tokens, added after the routed experts (weight 1).
+  // Shared experts: dense over all tokens (in row chunks), added after the routed experts (weight 1).
   mat shared;
   if (a.shared_experts > 0) {
-    Eigen::Map<mat const> x(a.x, a.tokens, d);
     shared = mat::Zero(a.tokens, d);
-    for (int s = 0; s < a.shared_experts; ++s) {
-      std::size_t const off = std::size_t(s) * f * d;
-      shared += ffn(x, a.w_shared_up + off, a.w_shared_gate ? a.w_shared_gate + off : nullptr, a.w_shared_down + off);
-    }
+    std::int64_t const chunks = (a.tokens + chunk_rows - 1) / chunk_rows;
+    drdiff::detail::parallel_for(threads, chunks, [&](std::int64_t c, int) {
+      int const b = int(c) * chunk_rows, rows = std::min(chunk_rows, a.tokens - b);
+      mat const xs = Eigen::Map<mat const>(a.x + std::size_t(b) * d, rows, d);
+      for (int s2 = 0; s2 < a.shared_experts; ++s2) {
+        std::size_t const off = std::size_t(s2) * f * d;
+        shared.middleRows(b, rows) +=
+            ffn(xs, a.w_shared_up + off, a.w_shared_gate ? a.w_shared_gate + off : nullptr, a.w_shared_down + off);
+      }
+    });
   }
   // Combine: each token sums its experts in selection order (no cross-expert atomics).
   drdiff::detail::parallel_for(threads, a.tokens, [&](std::int64_t t, int) {
