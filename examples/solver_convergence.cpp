@@ -66,25 +66,33 @@ int main(int argc, char** argv) {
   csv << "problem,solver,nfe,error\n";
   int const nfes[] = {5, 10, 20, 40, 80, 160, 320};
 
+  // One study: a table on stdout and rows in the CSV; error(cfg, steps) runs one solve.
+  auto study = [&](char const* problem, char const* title, auto&& error) {
+    std::printf("%s\n%-16s", title, "NFE");
+    for (int n : nfes) std::printf("%10d", n);
+    std::printf("\n");
+    for (auto const& v : variants()) {
+      std::printf("%-16s", v.name);
+      for (int n : nfes) {
+        double const e = error(v.cfg, v.cfg.singlestep ? std::max(1, n / 2) : n);  // 2S: 2 NFE per step
+        std::printf("%10.2e", e);
+        csv << problem << "," << v.name << "," << n << "," << e << "\n";
+      }
+      std::printf("\n");
+    }
+    std::printf("\n");
+  };
+
   // Gaussian data N(0.7, 0.5²), t: 1 → 1e-3, five trajectories; max error against the exact solution.
   gaussian_problem const g;
   std::vector<double> const starts = {-2.0, -0.5, 0.3, 1.1, 2.4};
-  std::printf("Gaussian data (max error vs the exact ODE solution)\n%-16s", "NFE");
-  for (int n : nfes) std::printf("%10d", n);
-  std::printf("\n");
-  for (auto const& v : variants()) {
-    std::printf("%-16s", v.name);
-    for (int n : nfes) {
-      int const steps = v.cfg.singlestep ? std::max(1, n / 2) : n;
-      auto const x = run(g.ops, v.cfg, steps, 1.0, 1e-3,
-                         [&](double const* xs, double t, double* out) { g(xs, t, out, starts.size()); }, starts);
-      double e = 0;
-      for (std::size_t i = 0; i < x.size(); ++i) e = std::max(e, std::abs(x[i] - g.exact(starts[i], 1.0, 1e-3)));
-      std::printf("%10.2e", e);
-      csv << "gaussian," << v.name << "," << n << "," << e << "\n";
-    }
-    std::printf("\n");
-  }
+  study("gaussian", "Gaussian data (max error vs the exact ODE solution)", [&](dpmpp_config const& cfg, int steps) {
+    auto const x = run(g.ops, cfg, steps, 1.0, 1e-3,
+                       [&](double const* xs, double t, double* out) { g(xs, t, out, starts.size()); }, starts);
+    double e = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) e = std::max(e, std::abs(x[i] - g.exact(starts[i], 1.0, 1e-3)));
+    return e;
+  });
 
   // Mixture of 5 deltas in R³, 64 trajectories, λ: −3 → 2.5; RMS error against the reference.
   mixture_of_deltas const m(5, 3, 64, 4);
@@ -94,19 +102,9 @@ int main(int argc, char** argv) {
   for (auto& e : start) e = nd(rng);
   double const t0 = m.ops.t_of_lambda(-3.0), t1 = m.ops.t_of_lambda(2.5);
   auto const ref = run(m.ops, variants()[4].cfg, 20000, t0, t1, m, start);  // Taylor 3M
-  std::printf("\nMixture of deltas (RMS error vs a 20,000-step reference)\n%-16s", "NFE");
-  for (int n : nfes) std::printf("%10d", n);
-  std::printf("\n");
-  for (auto const& v : variants()) {
-    std::printf("%-16s", v.name);
-    for (int n : nfes) {
-      int const steps = v.cfg.singlestep ? std::max(1, n / 2) : n;
-      double const e = rms_diff(run(m.ops, v.cfg, steps, t0, t1, m, start), ref);
-      std::printf("%10.2e", e);
-      csv << "mixture," << v.name << "," << n << "," << e << "\n";
-    }
-    std::printf("\n");
-  }
+  study("mixture", "Mixture of deltas (RMS error vs a 20,000-step reference)", [&](dpmpp_config const& cfg, int steps) {
+    return rms_diff(run(m.ops, cfg, steps, t0, t1, m, start), ref);
+  });
   csv.close();
 
   // The plot: two log-log panels, one line per solver.
@@ -130,7 +128,7 @@ int main(int argc, char** argv) {
     }
     s << "unset multiplot\n";
   }
-  std::printf("\nwrote %s/solver_convergence.csv\n", dir.c_str());
+  std::printf("wrote %s/solver_convergence.csv\n", dir.c_str());
   if (std::system(("gnuplot '" + gp + "' 2>/dev/null").c_str()) == 0)
     std::printf("wrote %s/solver_convergence.png\n", dir.c_str());
   else

@@ -34,6 +34,18 @@ std::vector<int> order_desc(std::vector<double> const& p) {
   return idx;
 }
 
+/// The k most probable experts and their weights (renormalised over the k, or raw).
+std::pair<std::vector<int>, std::vector<double>> ref_top(std::vector<float> const& z, int k, bool renormalize) {
+  auto const p = softmax_ref(z);
+  auto const o = order_desc(p);
+  std::vector<int> ex(o.begin(), o.begin() + k);
+  double s = 0;
+  for (int e : ex) s += p[e];
+  std::vector<double> w;
+  for (int e : ex) w.push_back(renormalize ? p[e] / s : p[e]);
+  return {ex, w};
+}
+
 template <class R>
 void check_router(R const& r, int E, std::mt19937_64& rng,
                   std::function<std::pair<std::vector<int>, std::vector<double>>(std::vector<float> const&)> const& ref) {
@@ -62,24 +74,8 @@ TEST_CASE("routers select and weight like plain per-token loops", "[router][cpu]
   for (int E : {1, 2, 8, 16, 64}) {
     INFO("E = " << E);
     int const k = std::min(2, E);
-    check_router(top_k{k, true}, E, rng, [&](std::vector<float> const& z) {
-      auto const p = softmax_ref(z);
-      auto const o = order_desc(p);
-      std::vector<int> ex(o.begin(), o.begin() + k);
-      double s = 0;
-      for (int e : ex) s += p[e];
-      std::vector<double> w;
-      for (int e : ex) w.push_back(p[e] / s);
-      return std::pair{ex, w};
-    });
-    check_router(top_k{k, false}, E, rng, [&](std::vector<float> const& z) {
-      auto const p = softmax_ref(z);
-      auto const o = order_desc(p);
-      std::vector<int> ex(o.begin(), o.begin() + k);
-      std::vector<double> w;
-      for (int e : ex) w.push_back(p[e]);
-      return std::pair{ex, w};
-    });
+    check_router(top_k{k, true}, E, rng, [&](std::vector<float> const& z) { return ref_top(z, k, true); });
+    check_router(top_k{k, false}, E, rng, [&](std::vector<float> const& z) { return ref_top(z, k, false); });
     top_p const tp{0.6f, 1, std::min(4, E), false};
     check_router(tp, E, rng, [&](std::vector<float> const& z) {
       auto const p = softmax_ref(z);
@@ -102,13 +98,7 @@ TEST_CASE("routers select and weight like plain per-token loops", "[router][cpu]
       for (double v : p) h -= v > 0 ? v * std::log(v) : 0;
       double const c = E > 1 ? h / std::log(double(E)) : 0;
       int const k2 = std::clamp(ad.k_min + int(std::floor(c * (ad.k_max - ad.k_min) + 0.5)), ad.k_min, ad.k_max);
-      auto const o = order_desc(p);
-      std::vector<int> ex(o.begin(), o.begin() + k2);
-      double s = 0;
-      for (int e : ex) s += p[e];
-      std::vector<double> w;
-      for (int e : ex) w.push_back(p[e] / s);
-      return std::pair{ex, w};
+      return ref_top(z, k2, true);
     });
   }
 }

@@ -82,6 +82,24 @@ inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 }  // namespace detail
 
+namespace detail {
+/// Fills rt.slot_entry / rt.entry_slot from rt.offsets: each expert's selections in token order
+/// (the stable scatter of the counting sort). Entries with expert −1 (dropped) get no slot.
+inline void scatter_slots(routing& rt, int tokens, int experts) {
+  std::vector<int> next(rt.offsets.begin(), rt.offsets.begin() + experts);
+  rt.slot_entry.assign(rt.offsets[experts], 0);
+  rt.entry_slot.assign(std::size_t(tokens) * rt.width, -1);
+  for (int t = 0; t < tokens; ++t)
+    for (int j = 0; j < rt.count[t]; ++j) {
+      int const entry = t * rt.width + j;
+      if (rt.expert[entry] < 0) continue;
+      int const slot = next[rt.expert[entry]]++;
+      rt.slot_entry[slot] = entry;
+      rt.entry_slot[entry] = slot;
+    }
+}
+}  // namespace detail
+
 /// Routes every token (logits from the router GEMM) and groups the selections by expert (counting
 /// sort: histogram, exclusive scan, stable scatter). Non-finite logits are an error.
 template <class Router>
@@ -138,17 +156,7 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
       }
     for (int e = 0; e < E; ++e) rt.offsets[e + 1] = rt.offsets[e] + kept[e];
   }
-  std::vector<int> next(rt.offsets.begin(), rt.offsets.end() - 1);
-  rt.slot_entry.assign(rt.offsets[E], 0);
-  rt.entry_slot.assign(std::size_t(T) * rt.width, -1);
-  for (int t = 0; t < T; ++t)
-    for (int j = 0; j < rt.count[t]; ++j) {
-      int const entry = t * rt.width + j;
-      if (rt.expert[entry] < 0) continue;
-      int const slot = next[rt.expert[entry]]++;
-      rt.slot_entry[slot] = entry;
-      rt.entry_slot[entry] = slot;
-    }
+  detail::scatter_slots(rt, T, E);
   if (stats) {
     stats->tokens_per_expert.assign(E, 0);
     for (int e = 0; e < E; ++e) stats->tokens_per_expert[e] = rt.offsets[e + 1] - rt.offsets[e];
@@ -296,15 +304,7 @@ inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args c
       }
   rt.offsets.assign(E + 1, 0);
   for (int e = 0; e < E; ++e) rt.offsets[e + 1] = rt.offsets[e] + c;
-  std::vector<int> next(rt.offsets.begin(), rt.offsets.end() - 1);
-  rt.slot_entry.assign(rt.offsets[E], 0);
-  rt.entry_slot.assign(std::size_t(T) * E, -1);
-  for (int t = 0; t < T; ++t)
-    for (int j = 0; j < rt.count[t]; ++j) {
-      int const entry = t * E + j, slot = next[rt.expert[entry]]++;
-      rt.slot_entry[slot] = entry;
-      rt.entry_slot[entry] = slot;
-    }
+  detail::scatter_slots(rt, T, E);
   if (stats) {
     stats->tokens_per_expert.assign(E, c);
     double active = 0;
