@@ -1,0 +1,284 @@
+#pragma once
+/// \file
+/// The routed MoE FFN on the GPU (the CUDA counterpart of cpu/moe.hpp): router GEMM (cuBLAS) →
+/// the same router functors in a kernel (one thread per token) → dropless dispatch by a stable CUB
+/// radix sort of (expert, entry) on ⌈log₂(E+1)⌉ bits → row gather → per-expert GEMMs through cuBLAS
+/// on contiguous row ranges → activation → combine in each token's selection order (no atomics).
+/// Element types float and __nv_bfloat16 (fp32 accumulation); the router functor runs in fp32.
+/// The expert row counts are copied to the host once per call (cuBLAS needs them as sizes). Not yet
+/// on the GPU: shared experts, capacity dropping, expert choice (CPU only for now).
+
+#include <drdiff/core/backend.hpp>
+#include <drdiff/cuda/error.cuh>
+#include <drdiff/router/routers.hpp>
+
+#include <cublas_v2.h>
+#include <cub/device/device_radix_sort.cuh>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+DRDIFF_NAMESPACE_BEGIN
+namespace router {
+
+enum class cuda_activation { gelu, swiglu };
+
+/// One MoE call on the GPU: device pointers, row-major, the same layouts as moe_args.
+template <class T>
+struct cuda_moe_args {
+  int tokens = 0, d_model = 0, d_ff = 0, experts = 0;
+  T const* x = nullptr;
+  T const* w_router = nullptr;      ///< [experts × d_model]; logits accumulate in fp32
+  float const* b_router = nullptr;  ///< fp32 [experts], optional
+  T const* w_up = nullptr;
+  T const* w_gate = nullptr;  ///< SwiGLU only
+  T const* w_down = nullptr;
+  T* out = nullptr;
+  cuda_activation act = cuda_activation::gelu;
+  float timestep = 0.f;
+  cublasHandle_t cublas = nullptr;  ///< the caller's handle (its stream is set to ctx.stream)
+};
+
+namespace detail {
+
+inline void cublas_check(cublasStatus_t s, char const* what) {
+  DRDIFF_CHECK(s == CUBLAS_STATUS_SUCCESS, "moe (cuda): cuBLAS call ", what, " failed with status ", int(s));
+}
+template <class T>
+constexpr cudaDataType_t cuda_type() { return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF; }
+
+/// C (M×N, row-major, ldc) = A (M×K, row-major, lda) · B (N×K, row-major, ldb)ᵀ, fp32 accumulation.
+template <class TA, class TB, class TC>
+void gemm_abt(cublasHandle_t h, int m, int n, int k, TA const* a, int lda, TB const* b, int ldb, TC* c, int ldc) {
+  if (m == 0) return;
+  float const one = 1.f, zero = 0.f;
+  cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, cuda_type<TB>(), ldb, a, cuda_type<TA>(),
+                            lda, &zero, c, cuda_type<TC>(), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx");
+}
+
+template <class Router>
+__global__ void moe_route_kernel(Router r, float const* logits, float const* bias, int tokens, int experts, int width,
+                                 float timestep, int* count, int* expert, float* weight, unsigned* keys,
+                                 unsigned* entries, int* bad) {
+  int const t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  float z[max_experts];
+  for (int e = 0; e < experts; ++e) {
+    z[e] = logits[std::size_t(t) * experts + e] + (bias ? bias[e] : 0.f);
+    if (!isfinite(z[e])) atomicExch(bad, 1);
+  }
+  token_info info;
+  info.token = t;
+  info.timestep = timestep;
+  int const n = r(z, experts, info, expert + std::size_t(t) * width, weight + std::size_t(t) * width);
+  count[t] = n;
+  for (int j = 0; j < width; ++j) {
+    std::size_t const entry = std::size_t(t) * width + j;
+    keys[entry] = j < n ? unsigned(expert[entry]) : unsigned(experts);  // unused slots sort last
+    entries[entry] = unsigned(entry);
+  }
+}
+
+template <class T>
+__global__ void moe_gather_kernel(T const* x, unsigned const* sorted_entries, int rows, int width, int d, T* xs) {
+  int const r = blockIdx.x;
+  if (r >= rows) return;
+  std::size_t const token = sorted_entries[r] / unsigned(width);
+  for (int k = threadIdx.x; k < d; k += blockDim.x) xs[std::size_t(r) * d + k] = x[token * d + k];
+}
+
+template <class T>
+__global__ void moe_activation_kernel(float* h, float const* g, std::size_t n, int swiglu, T* hq) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    float const u = h[i];
+    float v;
+    if (swiglu) {
+      float const gv = g[i];
+      v = u * gv / (1.f + expf(-gv));
+    } else {
+      v = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+    }
+    hq[i] = T(v);
+  }
+}
+
+template <class T>
+__global__ void moe_combine_kernel(float const* y, int const* count, float const* weight, int width, int d, int tokens,
+                                   int const* slot_of, T* out) {
+  int const t = blockIdx.x;
+  if (t >= tokens) return;
+  for (int k = threadIdx.x; k < d; k += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < count[t]; ++j) {
+      std::size_t const entry = std::size_t(t) * width + j;
+      acc += weight[entry] * y[std::size_t(slot_of[entry]) * d + k];
+    }
+    out[std::size_t(t) * d + k] = T(acc);
+  }
+}
+
+__global__ inline void moe_invert_kernel(unsigned const* sorted_entries, int rows, int* slot_of) {
+  int const r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r < rows) slot_of[sorted_entries[r]] = r;
+}
+
+/// Workspace layout of one call.
+struct moe_layout {
+  std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, bad, xs, h, g, hq,
+      y, sort_temp, total;
+};
+template <class T>
+moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_t sort_temp) {
+  moe_layout l{};
+  std::size_t off = 0;
+  auto take = [&](std::size_t bytes) {
+    std::size_t const at = off;
+    off += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  std::size_t const entries = std::size_t(tokens) * width;
+  l.logits = take(std::size_t(tokens) * experts * sizeof(float));
+  l.count = take(std::size_t(tokens) * sizeof(int));
+  l.expert = take(entries * sizeof(int));
+  l.weight = take(entries * sizeof(float));
+  l.keys = take(entries * sizeof(unsigned));
+  l.entries = take(entries * sizeof(unsigned));
+  l.keys_sorted = take(entries * sizeof(unsigned));
+  l.entries_sorted = take(entries * sizeof(unsigned));
+  l.slot_of = take(entries * sizeof(int));
+  l.bad = take(sizeof(int));
+  l.xs = take(entries * d * sizeof(T));
+  l.h = take(entries * f * sizeof(float));
+  l.g = take(entries * f * sizeof(float));
+  l.hq = take(entries * f * sizeof(T));
+  l.y = take(entries * d * sizeof(float));
+  l.sort_temp = take(sort_temp);
+  l.total = off + 256;
+  return l;
+}
+inline int key_bits(int experts) {
+  int b = 1;
+  while ((1 << b) <= experts) ++b;  // keys 0 .. experts (experts = unused)
+  return b;
+}
+
+}  // namespace detail
+
+/// Bytes of device workspace moe_forward needs (query first, CUB style).
+template <class T, class Router>
+std::size_t moe_workspace_bytes(Router const& r, cuda_moe_args<T> const& a) {
+  int const width = r.max_selected(a.experts);
+  std::size_t const entries = std::size_t(a.tokens) * width;
+  std::size_t sort_temp = 0;
+  DRDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_temp, static_cast<unsigned*>(nullptr),
+                                                    static_cast<unsigned*>(nullptr), static_cast<unsigned*>(nullptr),
+                                                    static_cast<unsigned*>(nullptr), entries, 0,
+                                                    detail::key_bits(a.experts)));
+  return detail::moe_plan<T>(a.tokens, a.d_model, a.d_ff, a.experts, width, sort_temp).total;
+}
+
+/// The routed MoE FFN on ctx.stream; `workspace` holds moe_workspace_bytes(...) bytes. Returns
+/// after copying the per-expert row counts to `tokens_per_expert` (host, size E) when given.
+template <class T, class Router>
+void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> const& a, void* workspace,
+                 std::size_t workspace_bytes, std::vector<int>* tokens_per_expert = nullptr) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>,
+                "drdiff::router::moe_forward (cuda): element type float or __nv_bfloat16.");
+  DRDIFF_CHECK(a.experts > 0 && a.experts <= max_experts, "moe: experts E = ", a.experts, " must be in 1..", max_experts);
+  DRDIFF_CHECK(a.tokens >= 0 && a.d_model > 0 && a.d_ff > 0, "moe (cuda): tokens = ", a.tokens, ", d_model = ",
+               a.d_model, ", d_ff = ", a.d_ff, " must be positive");
+  DRDIFF_CHECK(a.x && a.w_router && a.w_up && a.w_down && a.out && a.cublas,
+               "moe (cuda): x, w_router, w_up, w_down, out and the cuBLAS handle must be set");
+  DRDIFF_CHECK(a.act != cuda_activation::swiglu || a.w_gate, "moe: SwiGLU needs w_gate");
+  r.validate(a.experts);
+  if (a.tokens == 0) return;
+  auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
+  detail::cublas_check(cublasSetStream(a.cublas, stream), "cublasSetStream");
+  int const T_ = a.tokens, E = a.experts, d = a.d_model, f = a.d_ff, width = r.max_selected(E);
+  std::size_t const entries = std::size_t(T_) * width;
+  std::size_t sort_temp = 0;
+  DRDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_temp, static_cast<unsigned*>(nullptr),
+                                                    static_cast<unsigned*>(nullptr), static_cast<unsigned*>(nullptr),
+                                                    static_cast<unsigned*>(nullptr), entries, 0, detail::key_bits(E)));
+  auto const l = detail::moe_plan<T>(T_, d, f, E, width, sort_temp);
+  DRDIFF_CHECK(workspace && workspace_bytes >= l.total, "moe (cuda): workspace_bytes = ", workspace_bytes,
+               " is smaller than the ", l.total, " bytes moe_workspace_bytes() asks for");
+  auto* base = static_cast<unsigned char*>(workspace);
+  base += (256 - reinterpret_cast<std::uintptr_t>(base) % 256) % 256;
+  auto at = [&](std::size_t off) { return static_cast<void*>(base + off); };
+  float* logits = static_cast<float*>(at(l.logits));
+  int* count = static_cast<int*>(at(l.count));
+  int* expert = static_cast<int*>(at(l.expert));
+  float* weight = static_cast<float*>(at(l.weight));
+  unsigned* keys = static_cast<unsigned*>(at(l.keys));
+  unsigned* ent = static_cast<unsigned*>(at(l.entries));
+  unsigned* keys_s = static_cast<unsigned*>(at(l.keys_sorted));
+  unsigned* ent_s = static_cast<unsigned*>(at(l.entries_sorted));
+  int* slot_of = static_cast<int*>(at(l.slot_of));
+  int* bad = static_cast<int*>(at(l.bad));
+  T* xs = static_cast<T*>(at(l.xs));
+  float* h = static_cast<float*>(at(l.h));
+  float* g = static_cast<float*>(at(l.g));
+  T* hq = static_cast<T*>(at(l.hq));
+  float* y = static_cast<float*>(at(l.y));
+
+  // 1. Router logits (fp32) and routing.
+  detail::gemm_abt(a.cublas, T_, E, d, a.x, d, a.w_router, d, logits, E);
+  DRDIFF_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), stream));
+  detail::moe_route_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(r, logits, a.b_router, T_, E, width, a.timestep,
+                                                                  count, expert, weight, keys, ent, bad);
+  DRDIFF_CUDA_CHECK(cudaGetLastError());
+  // 2. Stable sort of the entries by expert.
+  void* temp = at(l.sort_temp);
+  DRDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, sort_temp, keys, keys_s, ent, ent_s, entries, 0,
+                                                    detail::key_bits(E), stream));
+  // 3. Row counts per expert on the host (the GEMM sizes): the sorted keys are grouped.
+  std::vector<unsigned> host_keys(entries);
+  int host_bad = 0;
+  DRDIFF_CUDA_CHECK(cudaMemcpyAsync(host_keys.data(), keys_s, entries * sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
+  DRDIFF_CUDA_CHECK(cudaMemcpyAsync(&host_bad, bad, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  DRDIFF_CHECK(host_bad == 0, "moe (cuda): a router logit is not finite");
+  std::vector<int> offsets(E + 1, 0);
+  for (unsigned k : host_keys)
+    if (k < unsigned(E)) ++offsets[k + 1];
+  for (int e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  int const rows = offsets[E];
+  if (tokens_per_expert) {
+    tokens_per_expert->resize(E);
+    for (int e = 0; e < E; ++e) (*tokens_per_expert)[e] = offsets[e + 1] - offsets[e];
+  }
+  // 4. Gather, expert GEMMs, activation, down projection.
+  if (rows > 0) {
+    detail::moe_invert_kernel<<<(rows + 255) / 256, 256, 0, stream>>>(ent_s, rows, slot_of);
+    detail::moe_gather_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
+    DRDIFF_CUDA_CHECK(cudaGetLastError());
+    for (int e = 0; e < E; ++e) {
+      int const b = offsets[e], n = offsets[e + 1] - b;
+      std::size_t const off = std::size_t(e) * f * d;
+      detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_up + off, d, h + std::size_t(b) * f, f);
+      if (a.act == cuda_activation::swiglu)
+        detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_gate + off, d, g + std::size_t(b) * f, f);
+    }
+    std::size_t const hn = std::size_t(rows) * f;
+    detail::moe_activation_kernel<<<unsigned(std::min<std::size_t>((hn + 255) / 256, 4096)), 256, 0, stream>>>(
+        h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0, hq);
+    DRDIFF_CUDA_CHECK(cudaGetLastError());
+    for (int e = 0; e < E; ++e) {
+      int const b = offsets[e], n = offsets[e + 1] - b;
+      detail::gemm_abt(a.cublas, n, d, f, hq + std::size_t(b) * f, f, a.w_down + std::size_t(e) * d * f, f,
+                       y + std::size_t(b) * d, d);
+    }
+  }
+  // 5. Combine in each token's selection order.
+  detail::moe_combine_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, a.out);
+  DRDIFF_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace router
+DRDIFF_NAMESPACE_END
