@@ -168,6 +168,16 @@ struct moe_problem {
     a.w_shared_up = s_up.data(); a.w_shared_gate = s_gate.data(); a.w_shared_down = s_down.data();
     return a;
   }
+  /// Router logits of token t (double accumulation, rounded to float like the layer's).
+  std::vector<float> logits(int t) const {
+    std::vector<float> z(E);
+    for (int e = 0; e < E; ++e) {
+      double s = br[e];
+      for (int k = 0; k < d; ++k) s += double(x[std::size_t(t) * d + k]) * wr[std::size_t(e) * d + k];
+      z[e] = float(s);
+    }
+    return z;
+  }
   /// FFN of expert rows (up, gate, down) on token t, in double.
   std::vector<double> ffn(float const* u, float const* g, float const* dn, int t, activation act) const {
     std::vector<double> h(f), y(d, 0.0);
@@ -190,12 +200,7 @@ struct moe_problem {
                                 std::function<bool(int, int)> const& keep = [](int, int) { return true; }) const {
     std::vector<double> o(std::size_t(T) * d, 0.0);
     for (int t = 0; t < T; ++t) {
-      std::vector<float> z(E);
-      for (int e = 0; e < E; ++e) {
-        double s = br[e];
-        for (int k = 0; k < d; ++k) s += double(x[std::size_t(t) * d + k]) * wr[std::size_t(e) * d + k];
-        z[e] = float(s);
-      }
+      std::vector<float> const z = logits(t);
       std::vector<int> ex(r.max_selected(E));
       std::vector<float> w(r.max_selected(E));
       int const n = r(z.data(), E, token_info{}, ex.data(), w.data());
@@ -305,12 +310,7 @@ TEST_CASE("dispatch is a stable permutation grouped by expert, and the statistic
   std::vector<double> f(p.E, 0), P(p.E, 0);
   double z2 = 0;
   for (int t = 0; t < p.T; ++t) {
-    std::vector<float> z(p.E);
-    for (int e = 0; e < p.E; ++e) {
-      double s = p.br[e];
-      for (int k = 0; k < p.d; ++k) s += double(p.x[std::size_t(t) * p.d + k]) * p.wr[std::size_t(e) * p.d + k];
-      z[e] = float(s);
-    }
+    std::vector<float> const z = p.logits(t);
     auto const pr = softmax_ref(z);
     f[order_desc(pr)[0]] += 1.0 / p.T;
     for (int e = 0; e < p.E; ++e) P[e] += pr[e] / p.T;
@@ -377,12 +377,7 @@ TEST_CASE("expert choice: each expert takes its top tokens; output equals the pe
   // Plain loop: probabilities, then each expert's top-20 tokens.
   std::vector<std::vector<double>> prob(p.T);
   for (int t = 0; t < p.T; ++t) {
-    std::vector<float> z(p.E);
-    for (int e = 0; e < p.E; ++e) {
-      double s = p.br[e];
-      for (int k = 0; k < p.d; ++k) s += double(p.x[std::size_t(t) * p.d + k]) * p.wr[std::size_t(e) * p.d + k];
-      z[e] = float(s);
-    }
+    std::vector<float> const z = p.logits(t);
     prob[t] = softmax_ref(z);
   }
   std::vector<std::vector<int>> chooses(p.T);

@@ -117,7 +117,8 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
   rt.count.assign(T, 0);
   rt.expert.assign(std::size_t(T) * rt.width, -1);
   rt.weight.assign(std::size_t(T) * rt.width, 0.f);
-  std::vector<double> lse(T), top1(T), prob_sum(E, 0.0);
+  std::vector<double> lse(T), top1(T);
+  std::vector<float> probs(stats ? std::size_t(T) * E : 0);  // kept for the statistics only
   int const threads = drdiff::detail::resolve_threads(ctx.num_threads);
   drdiff::detail::parallel_for(threads, T, [&](std::int64_t t, int) {
     float const* z = logits.data() + t * E;
@@ -128,7 +129,8 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
     info.timestep = a.timestep;
     info.score = a.maybe_token_scores ? a.maybe_token_scores[t] : 0.f;
     rt.count[t] = r(z, E, info, rt.expert.data() + t * rt.width, rt.weight.data() + t * rt.width);
-    float p[max_experts];
+    float local[max_experts];
+    float* const p = stats ? probs.data() + t * E : local;
     lse[t] = router::detail::softmax(z, E, p);
     int best = 0;
     for (int e = 1; e < E; ++e) best = p[e] > p[best] ? e : best;
@@ -166,9 +168,7 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
       active += rt.count[t];
       z2 += lse[t] * lse[t];
       f[int(top1[t])] += 1.0;
-      float p[max_experts];
-      router::detail::softmax(logits.data() + std::size_t(t) * E, E, p);
-      for (int e = 0; e < E; ++e) P[e] += p[e];
+      for (int e = 0; e < E; ++e) P[e] += probs[std::size_t(t) * E + e];
     }
     double loss = 0;
     for (int e = 0; e < E; ++e) loss += (f[e] / std::max(T, 1)) * (P[e] / std::max(T, 1));

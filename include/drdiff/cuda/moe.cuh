@@ -122,6 +122,12 @@ __global__ void moe_combine_kernel(float const* y, int const* count, float const
   }
 }
 
+/// counts[e] = number of selections of expert e (integer atomics: the counts are exact).
+__global__ inline void moe_histogram_kernel(unsigned const* keys, std::size_t n, int experts, int* counts) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+    if (keys[i] < unsigned(experts)) atomicAdd(counts + keys[i], 1);
+}
+
 __global__ inline void moe_invert_kernel(unsigned const* sorted_entries, int rows, int* slot_of) {
   int const r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r < rows) slot_of[sorted_entries[r]] = r;
@@ -151,7 +157,7 @@ moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_
   l.keys_sorted = take(entries * sizeof(unsigned));
   l.entries_sorted = take(entries * sizeof(unsigned));
   l.slot_of = take(entries * sizeof(int));
-  l.bad = take(sizeof(int));
+  l.bad = take(sizeof(int) * (std::size_t(experts) + 1));  // [non-finite flag, counts per expert]
   l.xs = take(entries * d * sizeof(T));
   l.h = take(entries * f * sizeof(float));
   l.g = take(entries * f * sizeof(float));
@@ -229,7 +235,7 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
 
   // 1. Router logits (fp32) and routing.
   detail::gemm_abt(a.cublas, T_, E, d, a.x, d, a.w_router, d, logits, E);
-  DRDIFF_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), stream));
+  DRDIFF_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int) * (std::size_t(E) + 1), stream));
   detail::moe_route_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(r, logits, a.b_router, T_, E, width, a.timestep,
                                                                   count, expert, weight, keys, ent, bad);
   DRDIFF_CUDA_CHECK(cudaGetLastError());
@@ -237,17 +243,17 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
   void* temp = at(l.sort_temp);
   DRDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, sort_temp, keys, keys_s, ent, ent_s, entries, 0,
                                                     detail::key_bits(E), stream));
-  // 3. Row counts per expert on the host (the GEMM sizes): the sorted keys are grouped.
-  std::vector<unsigned> host_keys(entries);
-  int host_bad = 0;
-  DRDIFF_CUDA_CHECK(cudaMemcpyAsync(host_keys.data(), keys_s, entries * sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
-  DRDIFF_CUDA_CHECK(cudaMemcpyAsync(&host_bad, bad, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  // 3. Row counts per expert on the host (the GEMM sizes): E + 1 integers, one synchronisation.
+  std::size_t const hist_blocks = std::min<std::size_t>((entries + 255) / 256, 1024);
+  detail::moe_histogram_kernel<<<unsigned(std::max<std::size_t>(hist_blocks, 1)), 256, 0, stream>>>(keys_s, entries, E,
+                                                                                                     bad + 1);
+  DRDIFF_CUDA_CHECK(cudaGetLastError());
+  std::vector<int> flags(E + 1);
+  DRDIFF_CUDA_CHECK(cudaMemcpyAsync(flags.data(), bad, flags.size() * sizeof(int), cudaMemcpyDeviceToHost, stream));
   DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
-  DRDIFF_CHECK(host_bad == 0, "moe (cuda): a router logit is not finite");
+  DRDIFF_CHECK(flags[0] == 0, "moe (cuda): a router logit is not finite");
   std::vector<int> offsets(E + 1, 0);
-  for (unsigned k : host_keys)
-    if (k < unsigned(E)) ++offsets[k + 1];
-  for (int e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  for (int e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + flags[e + 1];
   int const rows = offsets[E];
   if (tokens_per_expert) {
     tokens_per_expert->resize(E);
