@@ -5,7 +5,7 @@
 #   scripts/gpu_lane.sh [quick]
 #
 # Builds the CUDA tests and benchmarks (sm_90), runs the CUDA tests, compute-sanitizer memcheck and
-# racecheck on the attention tests, the solver-update and attention benchmarks (JSON in $OUT or out/), the
+# racecheck on the attention and anchor tests, the solver-update, MoE, rounding and attention benchmarks (JSON in $OUT or out/), the
 # side-by-side comparison with PyTorch (bench/compare/compare.py), and prints a short table.
 # `quick` skips the sanitizers and the PyTorch comparison.
 set -euo pipefail
@@ -24,20 +24,23 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
 cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.policy.cuda \
-  drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.bench.attention.cuda drdiff.bench.solver.cuda \
-  drdiff.bench.moe.cuda > "$out/build.log" 2>&1 \
+  drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.bench.attention.cuda \
+  drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda > "$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log"; exit 1; }
 
 status=0
 echo "== CUDA tests"
-(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router)') > "$out/ctest_cuda.log" 2>&1 || status=1
+(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor)') > "$out/ctest_cuda.log" 2>&1 || status=1
 grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 if [ "$mode" != quick ]; then
   echo "== compute-sanitizer"
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 "$build/test/drdiff.test.attention.cuda" \
       "CUDA attention matches the reference for every pattern" > "$out/sanitizer_$tool.log" 2>&1 \
-      && echo "$tool: clean" || { echo "$tool: FAILED (see $out/sanitizer_$tool.log)"; status=1; }
+      && echo "$tool (attention): clean" || { echo "$tool: FAILED (see $out/sanitizer_$tool.log)"; status=1; }
+    compute-sanitizer --tool $tool --error-exitcode 9 "$build/test/drdiff.test.anchor.cuda" \
+      > "$out/sanitizer_anchor_$tool.log" 2>&1 \
+      && echo "$tool (anchor): clean" || { echo "$tool: FAILED (see $out/sanitizer_anchor_$tool.log)"; status=1; }
   done
 fi
 echo "== benchmarks"
@@ -45,6 +48,8 @@ echo "== benchmarks"
   2>&1 | grep -E '^BM_' | tee "$out/bench_solver_cuda.txt" || status=1
 "$build/bench/drdiff.bench.moe.cuda" --benchmark_out="$out/bench_moe_cuda.json" --benchmark_out_format=json \
   2>&1 | grep -E '^BM_' | tee "$out/bench_moe_cuda.txt" || status=1
+"$build/bench/drdiff.bench.round.cuda" --benchmark_out="$out/bench_round_cuda.json" --benchmark_out_format=json \
+  2>&1 | grep -E '^BM_' | tee "$out/bench_round_cuda.txt" || status=1
 "$build/bench/drdiff.bench.attention.cuda" --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json \
   > "$out/bench_cuda.txt" 2>&1 || status=1
 if [ "$mode" != quick ] && python3 -c "import torch" 2>/dev/null; then

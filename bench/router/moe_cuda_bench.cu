@@ -7,6 +7,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include "../support/cuda_buffers.cuh"
 #include "../support/cuda_event_timer.cuh"
 
 using namespace drdiff;
@@ -16,27 +17,7 @@ namespace {
 
 constexpr int kT = 16384, kD = 1024, kF = 4096;
 
-__global__ void fill(__nv_bfloat16* p, std::size_t n, unsigned seed, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
-    unsigned x = unsigned(i) * 2654435761u ^ seed;
-    x ^= x >> 13; x *= 0x5bd1e995u; x ^= x >> 15;
-    p[i] = __float2bfloat16(scale * ((x & 0xffffff) / float(0x1000000) - 0.5f));
-  }
-}
-
-struct buffers {
-  std::vector<void*> ptrs;
-  template <class T>
-  T* alloc(std::size_t n) {
-    void* p = nullptr;
-    DRDIFF_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
-    ptrs.push_back(p);
-    return static_cast<T*>(p);
-  }
-  ~buffers() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-};
+using bench::buffers;
 
 template <class R>
 void run(benchmark::State& state, R const& r) {
@@ -47,10 +28,10 @@ void run(benchmark::State& state, R const& r) {
   auto* up = b.alloc<__nv_bfloat16>(std::size_t(E) * kF * kD);
   auto* down = b.alloc<__nv_bfloat16>(std::size_t(E) * kD * kF);
   auto* out = b.alloc<__nv_bfloat16>(std::size_t(kT) * kD);
-  fill<<<2048, 256>>>(x, std::size_t(kT) * kD, 1, 2.f);
-  fill<<<2048, 256>>>(wr, std::size_t(E) * kD, 2, 0.2f);
-  fill<<<2048, 256>>>(up, std::size_t(E) * kF * kD, 3, 0.1f);
-  fill<<<2048, 256>>>(down, std::size_t(E) * kD * kF, 4, 0.05f);
+  bench::fill_uniform<<<2048, 256>>>(x, std::size_t(kT) * kD, 1, 2.f);
+  bench::fill_uniform<<<2048, 256>>>(wr, std::size_t(E) * kD, 2, 0.2f);
+  bench::fill_uniform<<<2048, 256>>>(up, std::size_t(E) * kF * kD, 3, 0.1f);
+  bench::fill_uniform<<<2048, 256>>>(down, std::size_t(E) * kD * kF, 4, 0.05f);
   cublasHandle_t handle;
   cublasCreate(&handle);
   cuda_moe_args<__nv_bfloat16> a;

@@ -1,8 +1,12 @@
 #pragma once
 /// \file
 /// Umbrella header for GPU users (include from .cu files): the core, every attention policy and the
-/// CUDA backend. Does not include Eigen.
+/// CUDA backend. Does not include Eigen. The cuBLAS parts (MoE: <drdiff/cuda/moe.cuh>, anchors:
+/// <drdiff/cuda/anchor.cuh>) are separate: include them and link CUDA::cublas.
 
+#include <drdiff/anchor/absorbing.hpp>
+#include <drdiff/anchor/guidance.hpp>
+#include <drdiff/anchor/projectors.hpp>
 #include <drdiff/attention/args.hpp>
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/attention/block_segments.hpp>

@@ -1,9 +1,12 @@
 #pragma once
 /// \file
-/// Umbrella header for CPU users: the core, attention policies, routers, solvers and the CPU (Eigen)
-/// backend.
+/// Umbrella header for CPU users: the core, attention policies, routers, solvers, anchors and the CPU
+/// (Eigen) backend.
 /// Needs only a C++17 compiler and Eigen 3.4; no CUDA toolkit.
 
+#include <drdiff/anchor/absorbing.hpp>
+#include <drdiff/anchor/guidance.hpp>
+#include <drdiff/anchor/projectors.hpp>
 #include <drdiff/attention/args.hpp>
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/attention/block_segments.hpp>
@@ -11,6 +14,7 @@
 #include <drdiff/core/backend.hpp>
 #include <drdiff/core/config.hpp>
 #include <drdiff/core/error.hpp>
+#include <drdiff/cpu/anchor.hpp>
 #include <drdiff/cpu/attention.hpp>
 #include <drdiff/cpu/attention_reference.hpp>
 #include <drdiff/cpu/moe.hpp>

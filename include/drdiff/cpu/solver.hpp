@@ -61,7 +61,7 @@ void dpmpp_2s_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_
   int const steps = int(grid.size()) - 1;
   for (int s = 0; s < steps; ++s) {
     model(static_cast<T const*>(x), grid[s], ms);
-    correct_x0(ms, grid[s]);
+    call_x0_hook(correct_x0, ms, grid[s], s);
     if (s == steps - 1 && cfg.final_to_zero) {
       std::copy(ms, ms + n, x);
     } else {
@@ -69,7 +69,7 @@ void dpmpp_2s_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_
       std::copy(x, x + n, u);
       update(ctx, k.stage1, u, ms, ms, ms, n);
       model(static_cast<T const*>(u), k.t_mid, mu);
-      correct_x0(mu, k.t_mid);
+      call_x0_hook(correct_x0, mu, k.t_mid, s);
       update(ctx, k.stage2, x, ms, ms, mu, n);
     }
     for (std::size_t i = 0; i < n; ++i)
@@ -80,8 +80,8 @@ void dpmpp_2s_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_
 }
 
 /// Runs DPM-Solver++ from grid.front() to grid.back() on the state x (n values, in place).
-/// `model(x, t, x0)` writes the data prediction; `correct_x0(x0, t)` may change it (thresholding,
-/// anchor guidance); `correct_xt(x, t, step)` may change the state after each step (keeping
+/// `model(x, t, x0)` writes the data prediction; `correct_x0(x0, t)` or `correct_x0(x0, t, step)` may
+/// change it (thresholding, anchor guidance; 2S calls it at s and at the midpoint of step s); `correct_xt(x, t, step)` may change the state after each step (keeping
 /// conditioning positions clean). `workspace` holds 3·n values (the last three predictions). With
 /// cfg.sde, `noise` draws the fresh Gaussian of each step (seeded, backend-independent).
 /// Throws drdiff::error on bad settings, a bad grid, or a NaN in the state or a prediction.
@@ -109,7 +109,7 @@ void dpmpp_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_con
     m[1] = m[0];
     m[0] = fresh;
     model(static_cast<T const*>(x), grid[s], m[0]);
-    correct_x0(m[0], grid[s]);
+    call_x0_hook(correct_x0, m[0], grid[s], int(s));
     check_finite(m[0], "the data prediction", int(s));
     update(ctx, plan[s], x, m[0], m[1], m[2], n, noise, int(s));
     correct_xt(x, grid[s + 1], int(s));

@@ -9,6 +9,7 @@
 /// on the GPU: shared experts, capacity dropping, expert choice (CPU only for now).
 
 #include <drdiff/core/backend.hpp>
+#include <drdiff/cuda/detail/blas.cuh>
 #include <drdiff/cuda/error.cuh>
 #include <drdiff/router/routers.hpp>
 
@@ -45,21 +46,9 @@ struct cuda_moe_args {
 
 namespace detail {
 
-inline void cublas_check(cublasStatus_t s, char const* what) {
-  DRDIFF_CHECK(s == CUBLAS_STATUS_SUCCESS, "moe (cuda): cuBLAS call ", what, " failed with status ", int(s));
-}
-template <class T>
-constexpr cudaDataType_t cuda_type() { return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF; }
-
-/// C (M×N, row-major, ldc) = A (M×K, row-major, lda) · B (N×K, row-major, ldb)ᵀ, fp32 accumulation.
-template <class TA, class TB, class TC>
-void gemm_abt(cublasHandle_t h, int m, int n, int k, TA const* a, int lda, TB const* b, int ldb, TC* c, int ldc) {
-  if (m == 0) return;
-  float const one = 1.f, zero = 0.f;
-  cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, cuda_type<TB>(), ldb, a, cuda_type<TA>(),
-                            lda, &zero, c, cuda_type<TC>(), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-               "cublasGemmEx");
-}
+using drdiff::detail::cublas_check;
+using drdiff::detail::cuda_type;
+using drdiff::detail::gemm_abt;
 
 template <class Router>
 __global__ void moe_route_kernel(Router r, float const* logits, float const* bias, int tokens, int experts, int width,

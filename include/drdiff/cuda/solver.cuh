@@ -7,6 +7,7 @@
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/error.cuh>
 #include <drdiff/solver/dpmpp.hpp>
+#include <drdiff/solver/model.hpp>
 #include <drdiff/solver/noise.hpp>
 
 #include <cuda_runtime.h>
@@ -14,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
 namespace detail {
@@ -30,6 +32,16 @@ __global__ void solver_update_kernel(T* __restrict__ x, T const* __restrict__ m0
     if constexpr (Noise) v += c * T(noise(step, i));
     x[i] = v;
   }
+}
+
+template <class T>
+__global__ void solver_finite_kernel(T const* __restrict__ v, std::size_t n, int step, int* __restrict__ first_bad) {
+  std::size_t const stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += stride)
+    if (!isfinite(v[i])) {
+      atomicMin(first_bad, step);
+      return;
+    }
 }
 
 }  // namespace detail
@@ -66,6 +78,52 @@ void update(context<cuda> const& ctx, step_coefficients const& k, T* x, T const*
     else launch(no{}, no{}, no{});
   }
   DRDIFF_CUDA_CHECK(cudaGetLastError());
+}
+
+/// Workspace of the GPU sampling loop, in values of T: the three newest data predictions and a flag.
+template <class T>
+constexpr std::size_t sample_workspace_size(std::size_t n) noexcept {
+  return 3 * n + 2;
+}
+
+/// The CUDA counterpart of dpmpp_sample(context<cpu>, ...): x and workspace are device pointers
+/// (workspace: sample_workspace_size<T>(n) values); `model(x, t, x0)` and the hooks launch their
+/// work on ctx.stream. A NaN or infinity in a data prediction is detected on the device and reported
+/// after the loop (one synchronisation per call) with the first step where it appeared.
+template <class T, class S, class Model, class X0Hook = no_hook, class XtHook = no_hook>
+void dpmpp_sample(context<cuda> const& ctx, schedule_ops<S> const& ops, dpmpp_config const& cfg,
+                  std::vector<double> const& grid, Model&& model, T* x, std::size_t n, T* workspace,
+                  X0Hook&& correct_x0 = {}, XtHook&& correct_xt = {}, gaussian_noise const& noise = {}) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "drdiff::solver::dpmpp_sample (cuda): the solver state is fp32 or fp64");
+  DRDIFF_CHECK(!cfg.singlestep, "dpmpp_sample (cuda): the singlestep (2S) loop runs on the CPU only; use multistep");
+  auto const plan = dpmpp_plan(ops, cfg, grid);
+  DRDIFF_CHECK(x != nullptr && workspace != nullptr, "dpmpp_sample: x or workspace is a null pointer");
+  auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
+  int* const flag = reinterpret_cast<int*>(workspace + 3 * n);
+  int const none = 0x7fffffff;
+  DRDIFF_CUDA_CHECK(cudaMemcpyAsync(flag, &none, sizeof(int), cudaMemcpyHostToDevice, stream));
+  unsigned const blocks = unsigned(std::min<std::size_t>((n + 255) / 256, 132 * 16));
+  T* m[3] = {workspace, workspace + n, workspace + 2 * n};
+  for (std::size_t s = 0; s < plan.size(); ++s) {
+    T* const fresh = m[2];
+    m[2] = m[1];
+    m[1] = m[0];
+    m[0] = fresh;
+    model(static_cast<T const*>(x), grid[s], m[0]);
+    call_x0_hook(correct_x0, m[0], grid[s], int(s));
+    if (n) {
+      detail::solver_finite_kernel<T><<<blocks, 256, 0, stream>>>(m[0], n, int(s), flag);
+      DRDIFF_CUDA_CHECK(cudaGetLastError());
+    }
+    update(ctx, plan[s], x, m[0], m[1], m[2], n, noise, int(s));
+    correct_xt(x, grid[s + 1], int(s));
+  }
+  int first_bad = none;
+  DRDIFF_CUDA_CHECK(cudaMemcpyAsync(&first_bad, flag, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  DRDIFF_CHECK(first_bad == none, "dpmpp_sample (cuda): the data prediction is not finite (first at step ", first_bad,
+               ")");
 }
 
 }  // namespace solver

@@ -7,6 +7,7 @@
 #include <drdiff/solver/noise_schedule.hpp>
 
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 
 DRDIFF_NAMESPACE_BEGIN
@@ -37,6 +38,14 @@ struct no_hook {
   template <class... A>
   void operator()(A&&...) const noexcept {}
 };
+
+/// Calls a correct_x0 hook: with (x0, t, step) when it takes the step index (anchor guidance at
+/// chosen steps), else with (x0, t).
+template <class H, class X>
+void call_x0_hook(H& hook, X* x0, double t, int step) {
+  if constexpr (std::is_invocable_v<H&, X*, double, int>) hook(x0, t, step);
+  else hook(x0, t);
+}
 
 }  // namespace solver
 DRDIFF_NAMESPACE_END

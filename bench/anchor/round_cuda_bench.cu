@@ -1,0 +1,76 @@
+// Rounding to the nearest embedding on the GPU (anchor::round_to_nearest): 16K tokens against
+// vocabularies of 32K and 50K at d = 128..1024, bf16 and fp32 inputs (fp32 scores), against one cuBLAS
+// GEMM of the same shape (the score GEMM alone, 16-bit output for bf16) measured in the same run.
+
+#include <drdiff/cuda.cuh>
+#include <drdiff/cuda/anchor.cuh>
+
+#include <benchmark/benchmark.h>
+
+#include "../support/cuda_buffers.cuh"
+#include "../support/cuda_event_timer.cuh"
+
+using namespace drdiff;
+
+namespace {
+
+constexpr int kTokens = 16384;
+
+template <class T>
+void BM_round_cuda(benchmark::State& state) {
+  int const V = int(state.range(0)), d = int(state.range(1));
+  bench::buffers b;
+  T* table = b.random<T>(std::size_t(V) * d, 1, 2.f);
+  T* x = b.random<T>(std::size_t(kTokens) * d, 2, 2.f);
+  int* ids = b.alloc<int>(kTokens);
+  cublasHandle_t h;
+  cublasCreate(&h);
+  anchor::nearest_embedding<T> p{table, V, d};
+  anchor::token_shape const sh{1, kTokens, d};
+  std::size_t const bytes = anchor::workspace_bytes(context<drdiff::cuda>{}, p, sh);
+  void* ws = b.alloc<char>(bytes);
+  auto call = [&] { anchor::round_to_nearest(context<drdiff::cuda>{}, h, p, sh, x, ids, static_cast<T*>(nullptr), ws, bytes); };
+  call();
+  bench::cuda_event_timer timer;
+  for (auto _ : state) timer.time(state, 3, call);
+  state.counters["tokens"] = benchmark::Counter(kTokens, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["flops"] = benchmark::Counter(2.0 * kTokens * V * d, benchmark::Counter::kIsIterationInvariantRate);
+  cublasDestroy(h);
+}
+
+// The ceiling: the score GEMM alone, tokens × vocab × d in one cuBLAS call (output in T, rows padded
+// to 32 columns as in the rounding; cuBLAS is 5× slower on an odd row stride such as 50257).
+template <class T>
+void BM_round_gemm_cuda(benchmark::State& state) {
+  int const V = int(state.range(0)), d = int(state.range(1));
+  bench::buffers b;
+  T* table = b.random<T>(std::size_t(V) * d, 1, 2.f);
+  T* x = b.random<T>(std::size_t(kTokens) * d, 2, 2.f);
+  int const ld = anchor::score_ld(V);
+  T* s = b.alloc<T>(std::size_t(kTokens) * ld);
+  cublasHandle_t h;
+  cublasCreate(&h);
+  auto call = [&] { drdiff::detail::gemm_abt(h, kTokens, V, d, x, d, table, d, s, ld); };
+  call();
+  bench::cuda_event_timer timer;
+  for (auto _ : state) timer.time(state, 3, call);
+  state.counters["tokens"] = benchmark::Counter(kTokens, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["flops"] = benchmark::Counter(2.0 * kTokens * V * d, benchmark::Counter::kIsIterationInvariantRate);
+  cublasDestroy(h);
+}
+
+void shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"V", "d"});
+  for (int V : {32000, 50257})
+    for (int d : {128, 256, 512, 1024}) b->Args({V, d});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+}
+
+}  // namespace
+
+BENCHMARK_TEMPLATE(BM_round_cuda, __nv_bfloat16)->Apply(shapes);
+BENCHMARK_TEMPLATE(BM_round_gemm_cuda, __nv_bfloat16)->Apply(shapes);
+BENCHMARK_TEMPLATE(BM_round_cuda, float)->Apply(shapes);
+BENCHMARK_TEMPLATE(BM_round_gemm_cuda, float)->Apply(shapes);
+
+BENCHMARK_MAIN();
