@@ -16,20 +16,17 @@ namespace {
 
 constexpr int kTokens = 16384;
 
-template <class T>
-void BM_round_cuda(benchmark::State& state) {
+// Times `call(h, table, x, b)` (set up by the caller) on a random table and random tokens; counters:
+// tokens/s and useful FLOP/s (2·tokens·V·d, the score GEMM).
+template <class T, class Make>
+void measure(benchmark::State& state, Make&& make) {
   int const V = int(state.range(0)), d = int(state.range(1));
   bench::buffers b;
   T* table = b.random<T>(std::size_t(V) * d, 1, 2.f);
   T* x = b.random<T>(std::size_t(kTokens) * d, 2, 2.f);
-  int* ids = b.alloc<int>(kTokens);
   cublasHandle_t h;
   cublasCreate(&h);
-  anchor::nearest_embedding<T> p{table, V, d};
-  anchor::token_shape const sh{1, kTokens, d};
-  std::size_t const bytes = anchor::workspace_bytes(context<drdiff::cuda>{}, p, sh);
-  void* ws = b.alloc<char>(bytes);
-  auto call = [&] { anchor::round_to_nearest(context<drdiff::cuda>{}, h, p, sh, x, ids, static_cast<T*>(nullptr), ws, bytes); };
+  auto call = make(h, V, d, table, x, b);
   call();
   bench::cuda_event_timer timer;
   for (auto _ : state) timer.time(state, 3, call);
@@ -38,25 +35,39 @@ void BM_round_cuda(benchmark::State& state) {
   cublasDestroy(h);
 }
 
-// The ceiling: the score GEMM alone, tokens × vocab × d in one cuBLAS call (output in T, rows padded
-// to 32 columns as in the rounding; cuBLAS is 5× slower on an odd row stride such as 50257).
+template <class T>
+void BM_round_cuda(benchmark::State& state) {
+  measure<T>(state, [](cublasHandle_t h, int V, int d, T* table, T* x, bench::buffers& b) {
+    anchor::nearest_embedding<T> p{table, V, d};
+    anchor::token_shape const sh{1, kTokens, d};
+    std::size_t const bytes = anchor::workspace_bytes(context<drdiff::cuda>{}, p, sh);
+    void* ws = b.alloc<char>(bytes);
+    int* ids = b.alloc<int>(kTokens);
+    return [=] { anchor::round_to_nearest(context<drdiff::cuda>{}, h, p, sh, x, ids, static_cast<T*>(nullptr), ws, bytes); };
+  });
+}
+
+// The ceiling: the score GEMM alone through cuBLAS, output in T (16-bit for bf16: half the bytes of
+// the rounding's fp32 scores), issued as the rounding issues it (aligned main part + tail, rows
+// padded to 32 columns) ...
 template <class T>
 void BM_round_gemm_cuda(benchmark::State& state) {
-  int const V = int(state.range(0)), d = int(state.range(1));
-  bench::buffers b;
-  T* table = b.random<T>(std::size_t(V) * d, 1, 2.f);
-  T* x = b.random<T>(std::size_t(kTokens) * d, 2, 2.f);
-  int const ld = anchor::score_ld(V);
-  T* s = b.alloc<T>(std::size_t(kTokens) * ld);
-  cublasHandle_t h;
-  cublasCreate(&h);
-  auto call = [&] { drdiff::detail::gemm_abt(h, kTokens, V, d, x, d, table, d, s, ld); };
-  call();
-  bench::cuda_event_timer timer;
-  for (auto _ : state) timer.time(state, 3, call);
-  state.counters["tokens"] = benchmark::Counter(kTokens, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["flops"] = benchmark::Counter(2.0 * kTokens * V * d, benchmark::Counter::kIsIterationInvariantRate);
-  cublasDestroy(h);
+  measure<T>(state, [](cublasHandle_t h, int V, int d, T* table, T* x, bench::buffers& b) {
+    int const ld = anchor::score_ld(V), main = V / 128 * 128;
+    T* s = b.alloc<T>(std::size_t(kTokens) * ld);
+    return [=] {
+      drdiff::detail::gemm_abt(h, kTokens, main, d, x, d, table, d, s, ld);
+      if (V > main) drdiff::detail::gemm_abt(h, kTokens, V - main, d, x, d, table + std::size_t(main) * d, d, s + main, ld);
+    };
+  });
+}
+// ... and as one plain call of the same shape.
+template <class T>
+void BM_round_gemm_plain_cuda(benchmark::State& state) {
+  measure<T>(state, [](cublasHandle_t h, int V, int d, T* table, T* x, bench::buffers& b) {
+    T* s = b.alloc<T>(std::size_t(kTokens) * V);
+    return [=] { drdiff::detail::gemm_abt(h, kTokens, V, d, x, d, table, d, s, V); };
+  });
 }
 
 void shapes(benchmark::internal::Benchmark* b) {
@@ -70,6 +81,7 @@ void shapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK_TEMPLATE(BM_round_cuda, __nv_bfloat16)->Apply(shapes);
 BENCHMARK_TEMPLATE(BM_round_gemm_cuda, __nv_bfloat16)->Apply(shapes);
+BENCHMARK_TEMPLATE(BM_round_gemm_plain_cuda, __nv_bfloat16)->Apply(shapes);
 BENCHMARK_TEMPLATE(BM_round_cuda, float)->Apply(shapes);
 BENCHMARK_TEMPLATE(BM_round_gemm_cuda, float)->Apply(shapes);
 

@@ -207,6 +207,16 @@ inline constexpr int round_chunk_tokens = 2048;
 /// aligned rows (an odd stride such as 50257 costs it 5× at d = 128).
 inline int score_ld(int vocab) noexcept { return (vocab + 31) / 32 * 32; }
 
+/// scores[rows × vocab] (row stride ld) = x · tableᵀ in fp32. cuBLAS picks slow kernels when the
+/// vocabulary is not a multiple of 8 (50257: 5× slower at d = 128), so the GEMM runs on the largest
+/// multiple of 128 rows of the table and a second one covers the rest.
+template <class T>
+void score_gemm(cublasHandle_t blas, int rows, int vocab, int dim, T const* x, T const* table, float* scores, int ld) {
+  int const main = vocab / 128 * 128, tail = vocab - main;
+  drdiff::detail::gemm_abt(blas, rows, main, dim, x, dim, table, dim, scores, ld);
+  if (tail) drdiff::detail::gemm_abt(blas, rows, tail, dim, x, dim, table + std::size_t(main) * dim, dim, scores + main, ld);
+}
+
 template <class T>
 std::size_t workspace_bytes(context<drdiff::cuda> const&, nearest_embedding<T> const& p, token_shape const& s) {
   std::size_t const chunk = std::size_t(std::min<std::int64_t>(s.tokens(), round_chunk_tokens));
@@ -256,7 +266,7 @@ void round_to_nearest(context<drdiff::cuda> const& ctx, cublasHandle_t blas, nea
   DRDIFF_CUDA_CHECK(cudaGetLastError());
   for (std::int64_t t0 = 0; t0 < tokens; t0 += chunk) {
     int const rows = int(std::min<std::int64_t>(chunk, tokens - t0));
-    drdiff::detail::gemm_abt(blas, rows, p.vocab, p.dim, x + t0 * p.dim, p.dim, p.table, p.dim, scores, ld);
+    score_gemm(blas, rows, p.vocab, p.dim, x + t0 * p.dim, p.table, scores, ld);
     detail::argmax_kernel<T, 256><<<rows, 256, 0, st>>>(scores, bias, p.vocab, ld, p.dim, p.table, t0, ids, maybe_out,
                                                         bad);
     DRDIFF_CUDA_CHECK(cudaGetLastError());
