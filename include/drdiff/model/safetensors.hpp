@@ -1,0 +1,645 @@
+#pragma once
+/// \file
+/// safetensors files (https://huggingface.co/docs/safetensors format): read, validated, converted, and
+/// written. Portable C++17, no JSON library: a strict parser of exactly the format's schema.
+///
+/// Layout: 8 bytes little-endian header length N, N bytes of UTF-8 JSON, then the data buffer. The
+/// header maps tensor names to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to
+/// the data buffer) plus an optional "__metadata__" map of strings. The reader rejects, with a
+/// drdiff::error naming the tensor and the problem: a file shorter than 8 bytes, a header length
+/// beyond the file (or above 100 MB), bad JSON or UTF-8, an unknown field, dtype or duplicate name,
+/// a negative or non-integer shape entry, a byte size that overflows or differs from the offsets,
+/// offsets out of range, overlapping, or leaving holes in the buffer. Nothing is read out of bounds.
+/// F32, F16 and BF16 tensors convert to float; other dtypes are recognised but not converted.
+
+#include <drdiff/core/error.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+DRDIFF_NAMESPACE_BEGIN
+namespace safetensors {
+
+enum class dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, f8_e4m3, f8_e5m2 };
+
+inline char const* name(dtype t) noexcept {
+  switch (t) {
+    case dtype::f64: return "F64";
+    case dtype::f32: return "F32";
+    case dtype::f16: return "F16";
+    case dtype::bf16: return "BF16";
+    case dtype::i64: return "I64";
+    case dtype::i32: return "I32";
+    case dtype::i16: return "I16";
+    case dtype::i8: return "I8";
+    case dtype::u8: return "U8";
+    case dtype::boolean: return "BOOL";
+    case dtype::f8_e4m3: return "F8_E4M3";
+    default: return "F8_E5M2";
+  }
+}
+inline std::size_t size_of(dtype t) noexcept {
+  switch (t) {
+    case dtype::f64: case dtype::i64: return 8;
+    case dtype::f32: case dtype::i32: return 4;
+    case dtype::f16: case dtype::bf16: case dtype::i16: return 2;
+    default: return 1;
+  }
+}
+inline bool parse_dtype(std::string const& s, dtype& out) noexcept {
+  for (dtype t : {dtype::f64, dtype::f32, dtype::f16, dtype::bf16, dtype::i64, dtype::i32, dtype::i16, dtype::i8,
+                  dtype::u8, dtype::boolean, dtype::f8_e4m3, dtype::f8_e5m2})
+    if (s == name(t)) {
+      out = t;
+      return true;
+    }
+  return false;
+}
+
+// ---- 16-bit floats -------------------------------------------------------------------------------
+
+inline float bf16_to_float(std::uint16_t h) noexcept {
+  std::uint32_t const u = std::uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+/// Round to nearest even; NaN stays NaN.
+inline std::uint16_t float_to_bf16(float f) noexcept {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return std::uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return std::uint16_t(u >> 16);
+}
+inline float f16_to_float(std::uint16_t h) noexcept {
+  std::uint32_t const sign = std::uint32_t(h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while ((man & 0x400u) == 0) {
+        man <<= 1;
+        --exp;
+      }
+      u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+/// Round to nearest even, overflow to infinity, subnormals kept.
+inline std::uint16_t float_to_f16(float f) noexcept {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  std::uint32_t const sign = (u >> 16) & 0x8000u;
+  std::uint32_t const a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return std::uint16_t(sign | 0x7e00u);  // NaN
+  if (a >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // ≥ 65520 rounds to infinity
+  if (a < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+    if (a < 0x33000000u) return std::uint16_t(sign);  // < 2^-25 rounds to 0
+    std::uint32_t const e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    int const shift = int(126 - e);  // m · 2^(e−150) in units of 2^−24: m >> (126 − e)
+    std::uint32_t r = m >> shift;
+    std::uint32_t const rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return std::uint16_t(sign | r);
+  }
+  std::uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round the 13 dropped bits to nearest even
+  return std::uint16_t(sign | ((r - 0x38000000u) >> 13));
+}
+
+// ---- reading -------------------------------------------------------------------------------------
+
+struct tensor_info {
+  std::string name;
+  dtype type = dtype::f32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin = 0, end = 0;  ///< byte offsets in the data buffer
+
+  std::int64_t elements() const noexcept {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+};
+
+inline std::string shape_string(std::vector<std::int64_t> const& s) {
+  std::string r = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+namespace detail {
+
+/// A strict parser of the safetensors header schema over [p, end).
+class header_parser {
+ public:
+  header_parser(char const* p, std::size_t n) : s_(p), n_(n) {}
+
+  void parse(std::vector<tensor_info>& out, std::map<std::string, std::string>& meta) {
+    ws();
+    expect('{', "the header must be a JSON object");
+    ws();
+    if (peek() == '}') {
+      ++i_;
+    } else {
+      for (;;) {
+        ws();
+        std::string const key = string();
+        ws();
+        expect(':', "expected ':' after a key");
+        ws();
+        if (key == "__metadata__") {
+          DRDIFF_CHECK(!seen_meta_, "safetensors: duplicate __metadata__");
+          seen_meta_ = true;
+          metadata(meta);
+        } else {
+          for (auto const& t : out) DRDIFF_CHECK(t.name != key, "safetensors: duplicate tensor '", key, "'");
+          out.push_back(tensor(key));
+        }
+        ws();
+        if (peek() == ',') {
+          ++i_;
+          continue;
+        }
+        expect('}', "expected ',' or '}' in the header object");
+        break;
+      }
+    }
+    ws();
+    DRDIFF_CHECK(i_ == n_, "safetensors: unexpected bytes after the header object at header byte ", i_);
+  }
+
+ private:
+  char const* s_;
+  std::size_t n_, i_ = 0;
+  bool seen_meta_ = false;
+
+  int peek() const { return i_ < n_ ? static_cast<unsigned char>(s_[i_]) : -1; }
+  void ws() {
+    while (i_ < n_ && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\n' || s_[i_] == '\r')) ++i_;
+  }
+  [[noreturn]] void fail(char const* what) const {
+    DRDIFF_FAIL("safetensors: bad header JSON at byte ", i_, ": ", what);
+  }
+  void expect(char c, char const* what) {
+    if (peek() != static_cast<unsigned char>(c)) fail(what);
+    ++i_;
+  }
+  static void put_utf8(std::string& o, std::uint32_t c) {
+    if (c < 0x80) {
+      o += char(c);
+    } else if (c < 0x800) {
+      o += char(0xc0 | (c >> 6));
+      o += char(0x80 | (c & 0x3f));
+    } else if (c < 0x10000) {
+      o += char(0xe0 | (c >> 12));
+      o += char(0x80 | ((c >> 6) & 0x3f));
+      o += char(0x80 | (c & 0x3f));
+    } else {
+      o += char(0xf0 | (c >> 18));
+      o += char(0x80 | ((c >> 12) & 0x3f));
+      o += char(0x80 | ((c >> 6) & 0x3f));
+      o += char(0x80 | (c & 0x3f));
+    }
+  }
+  std::uint32_t hex4() {
+    if (n_ - i_ < 4) fail("truncated \\u escape");
+    std::uint32_t v = 0;
+    for (int k = 0; k < 4; ++k) {
+      char const c = s_[i_++];
+      v <<= 4;
+      if (c >= '0' && c <= '9') v |= std::uint32_t(c - '0');
+      else if (c >= 'a' && c <= 'f') v |= std::uint32_t(c - 'a' + 10);
+      else if (c >= 'A' && c <= 'F') v |= std::uint32_t(c - 'A' + 10);
+      else fail("bad hex digit in a \\u escape");
+    }
+    return v;
+  }
+  /// One UTF-8 sequence starting at a byte ≥ 0x80, validated (no overlongs, no surrogates).
+  void utf8(std::string& o) {
+    unsigned char const c = static_cast<unsigned char>(s_[i_]);
+    int len = 0;
+    std::uint32_t cp = 0, min = 0;
+    if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f, min = 0x80;
+    else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f, min = 0x800;
+    else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07, min = 0x10000;
+    else fail("invalid UTF-8");
+    if (n_ - i_ < std::size_t(len)) fail("truncated UTF-8");
+    for (int k = 1; k < len; ++k) {
+      unsigned char const b = static_cast<unsigned char>(s_[i_ + k]);
+      if ((b & 0xc0) != 0x80) fail("invalid UTF-8");
+      cp = (cp << 6) | (b & 0x3f);
+    }
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) fail("invalid UTF-8");
+    o.append(s_ + i_, std::size_t(len));
+    i_ += std::size_t(len);
+  }
+  std::string string() {
+    expect('"', "expected a string");
+    std::string o;
+    for (;;) {
+      if (i_ >= n_) fail("unterminated string");
+      unsigned char const c = static_cast<unsigned char>(s_[i_]);
+      if (c == '"') {
+        ++i_;
+        return o;
+      }
+      if (c < 0x20) fail("control character in a string");
+      if (c >= 0x80) {
+        utf8(o);
+        continue;
+      }
+      ++i_;
+      if (c != '\\') {
+        o += char(c);
+        continue;
+      }
+      if (i_ >= n_) fail("unterminated escape");
+      char const e = s_[i_++];
+      switch (e) {
+        case '"': o += '"'; break;
+        case '\\': o += '\\'; break;
+        case '/': o += '/'; break;
+        case 'b': o += '\b'; break;
+        case 'f': o += '\f'; break;
+        case 'n': o += '\n'; break;
+        case 'r': o += '\r'; break;
+        case 't': o += '\t'; break;
+        case 'u': {
+          std::uint32_t cp = hex4();
+          if (cp >= 0xdc00 && cp <= 0xdfff) fail("lone low surrogate");
+          if (cp >= 0xd800 && cp <= 0xdbff) {
+            if (n_ - i_ < 2 || s_[i_] != '\\' || s_[i_ + 1] != 'u') fail("lone high surrogate");
+            i_ += 2;
+            std::uint32_t const lo = hex4();
+            if (lo < 0xdc00 || lo > 0xdfff) fail("bad low surrogate");
+            cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+          }
+          put_utf8(o, cp);
+          break;
+        }
+        default: fail("bad escape");
+      }
+    }
+  }
+  std::uint64_t integer(std::string const& tensor, char const* field) {
+    if (peek() == '-')
+      DRDIFF_FAIL("safetensors: tensor '", tensor, "': ", field, " has a negative entry (header byte ", i_, ")");
+    if (peek() < '0' || peek() > '9')
+      DRDIFF_FAIL("safetensors: tensor '", tensor, "': ", field, " entries must be integers (header byte ", i_, ")");
+    std::uint64_t v = 0;
+    while (peek() >= '0' && peek() <= '9') {
+      std::uint64_t const d = std::uint64_t(s_[i_++] - '0');
+      DRDIFF_CHECK(v <= (std::numeric_limits<std::uint64_t>::max() - d) / 10, "safetensors: tensor '", tensor, "': ",
+                   field, " entry overflows 64 bits");
+      v = v * 10 + d;
+    }
+    if (peek() == '.' || peek() == 'e' || peek() == 'E')
+      DRDIFF_FAIL("safetensors: tensor '", tensor, "': ", field, " entries must be integers (header byte ", i_, ")");
+    return v;
+  }
+  std::vector<std::uint64_t> int_array(std::string const& tensor, char const* field) {
+    expect('[', "expected an array");
+    std::vector<std::uint64_t> v;
+    ws();
+    if (peek() == ']') {
+      ++i_;
+      return v;
+    }
+    for (;;) {
+      ws();
+      v.push_back(integer(tensor, field));
+      DRDIFF_CHECK(v.size() <= 64, "safetensors: tensor '", tensor, "': ", field, " has more than 64 entries");
+      ws();
+      if (peek() == ',') {
+        ++i_;
+        continue;
+      }
+      expect(']', "expected ',' or ']' in an array");
+      return v;
+    }
+  }
+  void metadata(std::map<std::string, std::string>& meta) {
+    expect('{', "__metadata__ must be an object of strings");
+    ws();
+    if (peek() == '}') {
+      ++i_;
+      return;
+    }
+    for (;;) {
+      ws();
+      std::string k = string();
+      ws();
+      expect(':', "expected ':' in __metadata__");
+      ws();
+      if (peek() != '"') fail("__metadata__ values must be strings");
+      std::string v = string();
+      DRDIFF_CHECK(meta.count(k) == 0, "safetensors: duplicate __metadata__ key '", k, "'");
+      meta.emplace(std::move(k), std::move(v));
+      ws();
+      if (peek() == ',') {
+        ++i_;
+        continue;
+      }
+      expect('}', "expected ',' or '}' in __metadata__");
+      return;
+    }
+  }
+  tensor_info tensor(std::string const& name) {
+    tensor_info t;
+    t.name = name;
+    if (peek() != '{') DRDIFF_FAIL("safetensors: tensor '", name, "': its entry must be an object (header byte ", i_, ")");
+    ++i_;
+    bool has_dtype = false, has_shape = false, has_offsets = false;
+    ws();
+    if (peek() != '}') {
+      for (;;) {
+        ws();
+        std::string const key = string();
+        ws();
+        expect(':', "expected ':' in a tensor entry");
+        ws();
+        if (key == "dtype") {
+          DRDIFF_CHECK(!has_dtype, "safetensors: tensor '", name, "': duplicate dtype");
+          has_dtype = true;
+          if (peek() != '"') DRDIFF_FAIL("safetensors: tensor '", name, "': dtype must be a string");
+          std::string const d = string();
+          DRDIFF_CHECK(parse_dtype(d, t.type), "safetensors: tensor '", name, "': unknown dtype '", d, "'");
+        } else if (key == "shape") {
+          DRDIFF_CHECK(!has_shape, "safetensors: tensor '", name, "': duplicate shape");
+          has_shape = true;
+          for (auto v : int_array(name, "shape")) {
+            DRDIFF_CHECK(v <= std::uint64_t(std::numeric_limits<std::int64_t>::max()), "safetensors: tensor '", name,
+                         "': shape entry ", v, " is too large");
+            t.shape.push_back(std::int64_t(v));
+          }
+        } else if (key == "data_offsets") {
+          DRDIFF_CHECK(!has_offsets, "safetensors: tensor '", name, "': duplicate data_offsets");
+          has_offsets = true;
+          auto const o = int_array(name, "data_offsets");
+          DRDIFF_CHECK(o.size() == 2, "safetensors: tensor '", name, "': data_offsets must be [begin, end], got ",
+                       o.size(), " entries");
+          t.begin = o[0];
+          t.end = o[1];
+        } else {
+          DRDIFF_FAIL("safetensors: tensor '", name, "': unknown field '", key, "'");
+        }
+        ws();
+        if (peek() == ',') {
+          ++i_;
+          continue;
+        }
+        expect('}', "expected ',' or '}' in a tensor entry");
+        break;
+      }
+    } else {
+      ++i_;
+    }
+    DRDIFF_CHECK(has_dtype, "safetensors: tensor '", name, "': missing dtype");
+    DRDIFF_CHECK(has_shape, "safetensors: tensor '", name, "': missing shape");
+    DRDIFF_CHECK(has_offsets, "safetensors: tensor '", name, "': missing data_offsets");
+    return t;
+  }
+};
+
+}  // namespace detail
+
+/// A safetensors file held in memory.
+class file {
+ public:
+  static constexpr std::uint64_t max_header_bytes = 100u << 20;
+
+  /// Parses and validates `bytes` (the whole file).
+  static file parse(std::vector<std::uint8_t> bytes) {
+    file f;
+    f.bytes_ = std::move(bytes);
+    f.validate();
+    return f;
+  }
+  /// Reads and validates the file at `path`.
+  static file open(std::string const& path) {
+    std::ifstream in(path, std::ios::binary);
+    DRDIFF_CHECK(in.good(), "safetensors: cannot open '", path, "'");
+    in.seekg(0, std::ios::end);
+    std::streamoff const size = in.tellg();
+    DRDIFF_CHECK(size >= 0, "safetensors: cannot size '", path, "'");
+    in.seekg(0, std::ios::beg);
+    std::vector<std::uint8_t> b(static_cast<std::size_t>(size));
+    if (size > 0) in.read(reinterpret_cast<char*>(b.data()), size);
+    DRDIFF_CHECK(in.good() || size == 0, "safetensors: cannot read '", path, "'");
+    try {
+      return parse(std::move(b));
+    } catch (error const& e) {
+      throw error(std::string(e.what()) + " (file '" + path + "')");
+    }
+  }
+
+  std::vector<tensor_info> const& tensors() const noexcept { return tensors_; }
+  std::map<std::string, std::string> const& metadata() const noexcept { return metadata_; }
+  tensor_info const* find(std::string const& name) const noexcept {
+    for (auto const& t : tensors_)
+      if (t.name == name) return &t;
+    return nullptr;
+  }
+  tensor_info const& at(std::string const& name) const {
+    auto const* t = find(name);
+    DRDIFF_CHECK(t != nullptr, "safetensors: missing tensor '", name, "'");
+    return *t;
+  }
+  /// The raw bytes of a tensor (validated to lie inside the file).
+  std::uint8_t const* data(tensor_info const& t) const noexcept { return bytes_.data() + data_start_ + t.begin; }
+
+  /// Converts tensor `name` (F32, F16 or BF16) to float, checking its shape against `expect`.
+  void read(std::string const& name, std::vector<std::int64_t> const& expect, float* out) const {
+    auto const& t = at(name);
+    DRDIFF_CHECK(t.shape == expect, "safetensors: tensor '", name, "' has shape ", shape_string(t.shape),
+                 ", expected ", shape_string(expect));
+    convert(t, out);
+  }
+  /// Converts a tensor to float whatever its shape (F32, F16, BF16).
+  void convert(tensor_info const& t, float* out) const {
+    std::uint8_t const* p = data(t);
+    std::size_t const n = std::size_t(t.elements());
+    switch (t.type) {
+      case dtype::f32: if (n) std::memcpy(out, p, n * 4); break;
+      case dtype::f16:
+      case dtype::bf16:
+        for (std::size_t i = 0; i < n; ++i) {
+          std::uint16_t h;
+          std::memcpy(&h, p + 2 * i, 2);
+          out[i] = t.type == dtype::f16 ? f16_to_float(h) : bf16_to_float(h);
+        }
+        break;
+      default:
+        DRDIFF_FAIL("safetensors: tensor '", t.name, "' has dtype ", name(t.type),
+                    "; model weights must be F32, F16 or BF16");
+    }
+  }
+
+ private:
+  std::vector<std::uint8_t> bytes_;
+  std::size_t data_start_ = 0;
+  std::vector<tensor_info> tensors_;
+  std::map<std::string, std::string> metadata_;
+
+  void validate() {
+    std::size_t const size = bytes_.size();
+    DRDIFF_CHECK(size >= 8, "safetensors: the file has ", size, " bytes, fewer than the 8-byte header length");
+    std::uint64_t n = 0;
+    for (int k = 7; k >= 0; --k) n = (n << 8) | bytes_[std::size_t(k)];
+    DRDIFF_CHECK(n <= max_header_bytes, "safetensors: header length ", n, " exceeds the 100 MB limit");
+    DRDIFF_CHECK(n <= size - 8, "safetensors: header length ", n, " goes beyond the file (", size - 8,
+                 " bytes after the length)");
+    data_start_ = 8 + std::size_t(n);
+    detail::header_parser(reinterpret_cast<char const*>(bytes_.data() + 8), std::size_t(n)).parse(tensors_, metadata_);
+    std::uint64_t const data_bytes = size - data_start_;
+    for (auto const& t : tensors_) {
+      std::uint64_t bytes = size_of(t.type);
+      for (auto s : t.shape) {
+        DRDIFF_CHECK(s == 0 || bytes <= std::numeric_limits<std::uint64_t>::max() / std::uint64_t(s),
+                     "safetensors: tensor '", t.name, "': the byte size of shape ", shape_string(t.shape),
+                     " overflows");
+        bytes *= std::uint64_t(s);
+      }
+      DRDIFF_CHECK(t.begin <= t.end, "safetensors: tensor '", t.name, "': data_offsets [", t.begin, ", ", t.end,
+                   "] end before they begin");
+      DRDIFF_CHECK(t.end <= data_bytes, "safetensors: tensor '", t.name, "': data_offsets [", t.begin, ", ", t.end,
+                   "] go beyond the data buffer (", data_bytes, " bytes)");
+      DRDIFF_CHECK(t.end - t.begin == bytes, "safetensors: tensor '", t.name, "': ", name(t.type), " shape ",
+                   shape_string(t.shape), " needs ", bytes, " bytes but data_offsets [", t.begin, ", ", t.end,
+                   "] hold ", t.end - t.begin);
+    }
+    // The buffer is covered exactly: sorted by offset, each tensor starts where the previous ended.
+    std::vector<tensor_info const*> order;
+    for (auto const& t : tensors_) order.push_back(&t);
+    std::sort(order.begin(), order.end(), [](auto a, auto b) { return a->begin != b->begin ? a->begin < b->begin : a->end < b->end; });
+    std::uint64_t at = 0;
+    std::string prev = "the start of the buffer";
+    for (auto const* t : order) {
+      DRDIFF_CHECK(t->begin >= at, "safetensors: tensor '", t->name, "' overlaps ", prev, " (it begins at ", t->begin,
+                   ", before ", at, ")");
+      DRDIFF_CHECK(t->begin == at, "safetensors: a hole of ", t->begin - at, " bytes lies before tensor '", t->name,
+                   "'");
+      at = t->end;
+      prev = "tensor '" + t->name + "'";
+    }
+    DRDIFF_CHECK(at == data_bytes, "safetensors: ", data_bytes - at, " bytes after the last tensor are not indexed");
+  }
+};
+
+// ---- writing -------------------------------------------------------------------------------------
+
+/// Collects tensors and writes a safetensors file (names sorted, header padded with spaces to a
+/// multiple of 8 bytes, tensors in name order).
+class writer {
+ public:
+  std::map<std::string, std::string> metadata;
+
+  /// Adds `count` floats stored as `type` (F32, F16 or BF16: converted, round to nearest even).
+  void add(std::string const& name, dtype type, std::vector<std::int64_t> const& shape, float const* values) {
+    DRDIFF_CHECK(type == dtype::f32 || type == dtype::f16 || type == dtype::bf16, "safetensors::writer: tensor '",
+                 name, "': dtype ", safetensors::name(type), " cannot be written from floats");
+    DRDIFF_CHECK(!name.empty() && name != "__metadata__", "safetensors::writer: bad tensor name '", name, "'");
+    DRDIFF_CHECK(entries_.count(name) == 0, "safetensors::writer: duplicate tensor '", name, "'");
+    std::int64_t n = 1;
+    for (auto s : shape) {
+      DRDIFF_CHECK(s >= 0, "safetensors::writer: tensor '", name, "': negative shape entry ", s);
+      n *= s;
+    }
+    entry e;
+    e.type = type;
+    e.shape = shape;
+    e.bytes.resize(std::size_t(n) * size_of(type));
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (type == dtype::f32) {
+        std::memcpy(e.bytes.data() + 4 * i, values + i, 4);
+      } else {
+        std::uint16_t const h = type == dtype::f16 ? float_to_f16(values[i]) : float_to_bf16(values[i]);
+        std::memcpy(e.bytes.data() + 2 * i, &h, 2);
+      }
+    }
+    entries_.emplace(name, std::move(e));
+  }
+
+  std::vector<std::uint8_t> bytes() const {
+    std::string h = "{";
+    bool first = true;
+    auto quote = [](std::string const& s) {
+      std::string o = "\"";
+      for (unsigned char c : s) {
+        if (c == '"' || c == '\\') {
+          o += '\\';
+          o += char(c);
+        } else if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          o += buf;
+        } else {
+          o += char(c);
+        }
+      }
+      return o + "\"";
+    };
+    if (!metadata.empty()) {
+      h += "\"__metadata__\":{";
+      bool f = true;
+      for (auto const& kv : metadata) {
+        h += (f ? "" : ",") + quote(kv.first) + ":" + quote(kv.second);
+        f = false;
+      }
+      h += "}";
+      first = false;
+    }
+    std::uint64_t off = 0;
+    for (auto const& kv : entries_) {
+      h += (first ? "" : ",") + quote(kv.first) + ":{\"dtype\":\"" + name(kv.second.type) + "\",\"shape\":" +
+           shape_string(kv.second.shape) + ",\"data_offsets\":[" + std::to_string(off) + "," +
+           std::to_string(off + kv.second.bytes.size()) + "]}";
+      off += kv.second.bytes.size();
+      first = false;
+    }
+    h += "}";
+    while (h.size() % 8) h += ' ';
+    std::vector<std::uint8_t> out(8);
+    std::uint64_t const n = h.size();
+    for (int k = 0; k < 8; ++k) out[std::size_t(k)] = std::uint8_t(n >> (8 * k));
+    out.insert(out.end(), h.begin(), h.end());
+    for (auto const& kv : entries_) out.insert(out.end(), kv.second.bytes.begin(), kv.second.bytes.end());
+    return out;
+  }
+  void save(std::string const& path) const {
+    auto const b = bytes();
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    DRDIFF_CHECK(out.good(), "safetensors::writer: cannot create '", path, "'");
+    out.write(reinterpret_cast<char const*>(b.data()), std::streamsize(b.size()));
+    DRDIFF_CHECK(out.good(), "safetensors::writer: cannot write '", path, "'");
+  }
+
+ private:
+  struct entry {
+    dtype type;
+    std::vector<std::int64_t> shape;
+    std::vector<std::uint8_t> bytes;
+  };
+  std::map<std::string, entry> entries_;
+};
+
+}  // namespace safetensors
+DRDIFF_NAMESPACE_END
