@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -18,11 +19,11 @@ using Catch::Matchers::Contains;
 namespace {
 
 std::vector<std::uint8_t> make_file(std::string header, std::vector<std::uint8_t> const& data) {
-  std::vector<std::uint8_t> b(8);
   std::uint64_t const n = header.size();
+  std::vector<std::uint8_t> b(8 + header.size() + data.size());
   for (int k = 0; k < 8; ++k) b[std::size_t(k)] = std::uint8_t(n >> (8 * k));
-  b.insert(b.end(), header.begin(), header.end());
-  b.insert(b.end(), data.begin(), data.end());
+  std::copy(header.begin(), header.end(), b.begin() + 8);
+  std::copy(data.begin(), data.end(), b.begin() + 8 + std::ptrdiff_t(header.size()));
   return b;
 }
 std::vector<std::uint8_t> zeros(std::size_t n) { return std::vector<std::uint8_t>(n, 0); }

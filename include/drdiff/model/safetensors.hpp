@@ -13,6 +13,7 @@
 /// F32, F16 and BF16 tensors convert to float; other dtypes are recognised but not converted.
 
 #include <drdiff/core/error.hpp>
+#include <drdiff/core/json.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -148,9 +149,9 @@ inline std::string shape_string(std::vector<std::int64_t> const& s) {
 namespace detail {
 
 /// A strict parser of the safetensors header schema over [p, end).
-class header_parser {
+class header_parser : drdiff::detail::json_cursor {
  public:
-  header_parser(char const* p, std::size_t n) : s_(p), n_(n) {}
+  header_parser(char const* p, std::size_t n) : drdiff::detail::json_cursor(p, n, "safetensors: bad header JSON") {}
 
   void parse(std::vector<tensor_info>& out, std::map<std::string, std::string>& meta) {
     ws();
@@ -187,118 +188,8 @@ class header_parser {
   }
 
  private:
-  char const* s_;
-  std::size_t n_, i_ = 0;
   bool seen_meta_ = false;
 
-  int peek() const { return i_ < n_ ? static_cast<unsigned char>(s_[i_]) : -1; }
-  void ws() {
-    while (i_ < n_ && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\n' || s_[i_] == '\r')) ++i_;
-  }
-  [[noreturn]] void fail(char const* what) const {
-    DRDIFF_FAIL("safetensors: bad header JSON at byte ", i_, ": ", what);
-  }
-  void expect(char c, char const* what) {
-    if (peek() != static_cast<unsigned char>(c)) fail(what);
-    ++i_;
-  }
-  static void put_utf8(std::string& o, std::uint32_t c) {
-    if (c < 0x80) {
-      o += char(c);
-    } else if (c < 0x800) {
-      o += char(0xc0 | (c >> 6));
-      o += char(0x80 | (c & 0x3f));
-    } else if (c < 0x10000) {
-      o += char(0xe0 | (c >> 12));
-      o += char(0x80 | ((c >> 6) & 0x3f));
-      o += char(0x80 | (c & 0x3f));
-    } else {
-      o += char(0xf0 | (c >> 18));
-      o += char(0x80 | ((c >> 12) & 0x3f));
-      o += char(0x80 | ((c >> 6) & 0x3f));
-      o += char(0x80 | (c & 0x3f));
-    }
-  }
-  std::uint32_t hex4() {
-    if (n_ - i_ < 4) fail("truncated \\u escape");
-    std::uint32_t v = 0;
-    for (int k = 0; k < 4; ++k) {
-      char const c = s_[i_++];
-      v <<= 4;
-      if (c >= '0' && c <= '9') v |= std::uint32_t(c - '0');
-      else if (c >= 'a' && c <= 'f') v |= std::uint32_t(c - 'a' + 10);
-      else if (c >= 'A' && c <= 'F') v |= std::uint32_t(c - 'A' + 10);
-      else fail("bad hex digit in a \\u escape");
-    }
-    return v;
-  }
-  /// One UTF-8 sequence starting at a byte ≥ 0x80, validated (no overlongs, no surrogates).
-  void utf8(std::string& o) {
-    unsigned char const c = static_cast<unsigned char>(s_[i_]);
-    int len = 0;
-    std::uint32_t cp = 0, min = 0;
-    if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f, min = 0x80;
-    else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f, min = 0x800;
-    else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07, min = 0x10000;
-    else fail("invalid UTF-8");
-    if (n_ - i_ < std::size_t(len)) fail("truncated UTF-8");
-    for (int k = 1; k < len; ++k) {
-      unsigned char const b = static_cast<unsigned char>(s_[i_ + k]);
-      if ((b & 0xc0) != 0x80) fail("invalid UTF-8");
-      cp = (cp << 6) | (b & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) fail("invalid UTF-8");
-    o.append(s_ + i_, std::size_t(len));
-    i_ += std::size_t(len);
-  }
-  std::string string() {
-    expect('"', "expected a string");
-    std::string o;
-    for (;;) {
-      if (i_ >= n_) fail("unterminated string");
-      unsigned char const c = static_cast<unsigned char>(s_[i_]);
-      if (c == '"') {
-        ++i_;
-        return o;
-      }
-      if (c < 0x20) fail("control character in a string");
-      if (c >= 0x80) {
-        utf8(o);
-        continue;
-      }
-      ++i_;
-      if (c != '\\') {
-        o += char(c);
-        continue;
-      }
-      if (i_ >= n_) fail("unterminated escape");
-      char const e = s_[i_++];
-      switch (e) {
-        case '"': o += '"'; break;
-        case '\\': o += '\\'; break;
-        case '/': o += '/'; break;
-        case 'b': o += '\b'; break;
-        case 'f': o += '\f'; break;
-        case 'n': o += '\n'; break;
-        case 'r': o += '\r'; break;
-        case 't': o += '\t'; break;
-        case 'u': {
-          std::uint32_t cp = hex4();
-          if (cp >= 0xdc00 && cp <= 0xdfff) fail("lone low surrogate");
-          if (cp >= 0xd800 && cp <= 0xdbff) {
-            if (n_ - i_ < 2 || s_[i_] != '\\' || s_[i_ + 1] != 'u') fail("lone high surrogate");
-            i_ += 2;
-            std::uint32_t const lo = hex4();
-            if (lo < 0xdc00 || lo > 0xdfff) fail("bad low surrogate");
-            cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
-          }
-          put_utf8(o, cp);
-          break;
-        }
-        default: fail("bad escape");
-      }
-    }
-  }
   std::uint64_t integer(std::string const& tensor, char const* field) {
     if (peek() == '-')
       DRDIFF_FAIL("safetensors: tensor '", tensor, "': ", field, " has a negative entry (header byte ", i_, ")");
@@ -617,11 +508,15 @@ class writer {
     }
     h += "}";
     while (h.size() % 8) h += ' ';
-    std::vector<std::uint8_t> out(8);
     std::uint64_t const n = h.size();
+    std::vector<std::uint8_t> out(8 + h.size() + std::size_t(off));
     for (int k = 0; k < 8; ++k) out[std::size_t(k)] = std::uint8_t(n >> (8 * k));
-    out.insert(out.end(), h.begin(), h.end());
-    for (auto const& kv : entries_) out.insert(out.end(), kv.second.bytes.begin(), kv.second.bytes.end());
+    std::memcpy(out.data() + 8, h.data(), h.size());
+    std::size_t at = 8 + h.size();
+    for (auto const& kv : entries_) {
+      if (!kv.second.bytes.empty()) std::memcpy(out.data() + at, kv.second.bytes.data(), kv.second.bytes.size());
+      at += kv.second.bytes.size();
+    }
     return out;
   }
   void save(std::string const& path) const {
