@@ -24,13 +24,14 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
 cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.policy.cuda \
-  drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.bench.attention.cuda \
-  drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda > "$out/build.log" 2>&1 \
+  drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda \
+  drdiff.bench.attention.cuda drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda \
+  drdiff.bench.model.cuda > "$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log"; exit 1; }
 
 status=0
 echo "== CUDA tests"
-(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor)') > "$out/ctest_cuda.log" 2>&1 || status=1
+(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model)') > "$out/ctest_cuda.log" 2>&1 || status=1
 grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 if [ "$mode" != quick ]; then
   echo "== compute-sanitizer"
@@ -50,6 +51,8 @@ echo "== benchmarks"
   2>&1 | grep -E '^BM_' | tee "$out/bench_moe_cuda.txt" || status=1
 "$build/bench/drdiff.bench.round.cuda" --benchmark_out="$out/bench_round_cuda.json" --benchmark_out_format=json \
   2>&1 | grep -E '^BM_' | tee "$out/bench_round_cuda.txt" || status=1
+"$build/bench/drdiff.bench.model.cuda" --benchmark_out="$out/bench_model_cuda.json" --benchmark_out_format=json \
+  2>&1 | grep -E '^BM_' | tee "$out/bench_model_cuda.txt" || status=1
 "$build/bench/drdiff.bench.attention.cuda" --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json \
   > "$out/bench_cuda.txt" 2>&1 || status=1
 if [ "$mode" != quick ] && python3 -c "import torch" 2>/dev/null; then

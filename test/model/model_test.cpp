@@ -250,11 +250,11 @@ TEST_CASE("model weights round-trip through safetensors; bad files name the tens
   big.save(dir + ".three.safetensors");
   CHECK_THROWS_WITH(b.load(dir + ".three.safetensors"), Contains("tensor 'blocks.2."));
   auto wide = presets::tiny();
-  wide.sizes.d_ff = 64;
+  wide.sizes.d_ff = 64;  // tiny has 256
   model<cpu, model_config<>> w(wide);
   w.save(dir + ".wide.safetensors");
   CHECK_THROWS_WITH(b.load(dir + ".wide.safetensors"),
-                    Contains("'blocks.0.moe.experts.up' has shape [4, 64, 64], expected [4, 128, 64]"));
+                    Contains("'blocks.0.moe.experts.up' has shape [4, 64, 128], expected [4, 256, 128]"));
   CHECK_THROWS_WITH(b.load(dir + ".missing.safetensors"), Contains("cannot open"));
   for (char const* ext : {".f32", ".bf16", ".one", ".three", ".wide"}) std::remove((dir + ext + ".safetensors").c_str());
 }
@@ -278,7 +278,7 @@ TEST_CASE("tokenizers: bytes round-trip; a JSON vocabulary encodes by greedy lon
 TEST_CASE("model bad configuration and arguments get a drdiff::error", "[model][errors]") {
   auto c = presets::tiny();
   c.sizes.heads = 3;
-  CHECK_THROWS_WITH((model<cpu, model_config<>>(c)), Contains("d_model = 64 must be a positive multiple of heads = 3"));
+  CHECK_THROWS_WITH((model<cpu, model_config<>>(c)), Contains("d_model = 128 must be a positive multiple of heads = 3"));
   c = presets::tiny();
   c.steps = 0;
   CHECK_THROWS_WITH((model<cpu, model_config<>>(c)), Contains("steps = 0"));

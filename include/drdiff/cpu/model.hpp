@@ -16,6 +16,7 @@
 #include <drdiff/model/model.hpp>
 #include <drdiff/model/parameters.hpp>
 #include <drdiff/model/safetensors.hpp>
+#include <drdiff/model/weights.hpp>
 #include <drdiff/solver/grid.hpp>
 #include <drdiff/solver/noise.hpp>
 
@@ -73,50 +74,18 @@ class model<cpu, Config> {
  public:
   using config_type = Config;
 
-  explicit model(Config cfg) : cfg_(std::move(cfg)) {
-    cfg_.validate();
-    specs_ = parameter_specs(cfg_.sizes, cfg_.activation);
-    for (std::size_t i = 0; i < specs_.size(); ++i) {
-      index_.emplace(specs_[i].name, i);
-      params_.emplace_back(std::size_t(specs_[i].elements()), 0.f);
-    }
-  }
+  explicit model(Config cfg) : cfg_(std::move(cfg)), w_((cfg_.validate(), cfg_.sizes), cfg_.activation) {}
 
   Config const& config() const noexcept { return cfg_; }
-  std::vector<parameter_spec> const& parameters() const noexcept { return specs_; }
-  std::vector<float>& tensor(std::string const& name) { return params_[find(name)]; }
-  std::vector<float> const& tensor(std::string const& name) const { return params_[find(name)]; }
-
-  /// Random weights from a seed (counter-based normals, so the same on every machine): linear layers
-  /// N(0, 0.02²) unless the spec says otherwise, norms 1 and biases 0.
-  void init_random(std::uint64_t seed) {
-    for (std::size_t i = 0; i < specs_.size(); ++i) {
-      auto const& s = specs_[i];
-      auto& p = params_[i];
-      solver::gaussian_noise const g{solver::gaussian_noise::mix(seed ^ solver::gaussian_noise::mix(i + 1))};
-      for (std::size_t j = 0; j < p.size(); ++j)
-        p[j] = s.how == parameter_spec::init::ones ? 1.f
-               : s.how == parameter_spec::init::zeros ? 0.f
-                                                      : float(s.stddev * g(0, j));
-    }
-  }
-
-  /// Loads every tensor from a safetensors file: a missing tensor, an extra one or a wrong shape is a
-  /// drdiff::error naming it.
-  void load(safetensors::file const& f) {
-    for (auto const& t : f.tensors())
-      DRDIFF_CHECK(index_.count(t.name) != 0, "model: the weights hold tensor '", t.name,
-                   "', which this configuration does not have");
-    for (std::size_t i = 0; i < specs_.size(); ++i) f.read(specs_[i].name, specs_[i].shape, params_[i].data());
-  }
-  void load(std::string const& path) { load(safetensors::file::open(path)); }
-  /// Writes every tensor (F32 is bit-exact; F16/BF16 round to nearest even).
-  void save(std::string const& path, safetensors::dtype type = safetensors::dtype::f32) const {
-    safetensors::writer w;
-    w.metadata["format"] = "drdiff";
-    for (std::size_t i = 0; i < specs_.size(); ++i) w.add(specs_[i].name, type, specs_[i].shape, params_[i].data());
-    w.save(path);
-  }
+  model_weights& weights() noexcept { return w_; }
+  model_weights const& weights() const noexcept { return w_; }
+  std::vector<parameter_spec> const& parameters() const noexcept { return w_.specs(); }
+  std::vector<float>& tensor(std::string const& name) { return w_.tensor(name); }
+  std::vector<float> const& tensor(std::string const& name) const { return w_.tensor(name); }
+  void init_random(std::uint64_t seed) { w_.init_random(seed); }
+  void load(safetensors::file const& f) { w_.load(f); }
+  void load(std::string const& path) { w_.load(path); }
+  void save(std::string const& path, safetensors::dtype type = safetensors::dtype::f32) const { w_.save(path, type); }
 
   /// x̂0 = model(x_t, t) for `batch` sequences of `seq` tokens ([batch, seq, embed_dim], row-major).
   void forward(context<cpu> const& ctx, float const* xt, double t, float* x0, int batch, int seq,
@@ -192,23 +161,16 @@ class model<cpu, Config> {
   /// rounding against the embedding table. Deterministic for a seed (whatever the thread count).
   generation_result generate(context<cpu> const& ctx, generation_request const& req) {
     auto const& s = cfg_.sizes;
-    DRDIFF_CHECK(req.length >= 1, "generate: length = ", req.length, " must be >= 1");
-    for (std::size_t i = 0; i < req.prompt.size(); ++i)
-      DRDIFF_CHECK(req.prompt[i] >= 0 && req.prompt[i] < s.vocab, "generate: prompt token ", i, " = ", req.prompt[i],
-                   " is outside the vocabulary 0..", s.vocab - 1);
     auto const start = std::chrono::steady_clock::now();
-    int const P = int(req.prompt.size()), N = P + req.length, de = s.embed_dim;
-    std::size_t const n = std::size_t(N) * de;
-    anchor::token_shape const shape{1, N, de};
     float const* E = p("embed.weight");
     float const* m = p("absorbing");
-    std::vector<unsigned char> target(std::size_t(N), 1);
-    std::vector<float> clean(n, 0.f), x(n), ws(3 * n), scratch(n);
-    for (int i = 0; i < P; ++i) {
-      target[std::size_t(i)] = 0;
-      std::copy(E + std::size_t(req.prompt[std::size_t(i)]) * de, E + std::size_t(req.prompt[std::size_t(i)] + 1) * de,
-                clean.begin() + std::ptrdiff_t(i) * de);
-    }
+    detail::generation_layout const lay(req, s.vocab, E, s.embed_dim);
+    int const P = lay.prompt, N = lay.tokens, de = s.embed_dim;
+    std::size_t const n = std::size_t(N) * de;
+    anchor::token_shape const shape{1, N, de};
+    auto const& target = lay.target;
+    auto const& clean = lay.clean;
+    std::vector<float> x(n), ws(3 * n), scratch(n);
     solver::gaussian_noise const noise{req.seed};
     for (std::size_t i = 0; i < n; ++i) x[i] = target[i / de] ? float(noise(0, i)) + m[i % de] : clean[i];
 
@@ -248,19 +210,12 @@ class model<cpu, Config> {
 
  private:
   Config cfg_;
-  std::vector<parameter_spec> specs_;
-  std::map<std::string, std::size_t> index_;
-  std::vector<std::vector<float>> params_;
+  model_weights w_;
   std::vector<float> h_, ln_, qkv_, att_, ffn_, temb_, tfeat_, thid_, rope_cos_, rope_sin_;
   std::vector<unsigned char> attn_ws_;
   int rope_seq_ = 0;
 
-  std::size_t find(std::string const& name) const {
-    auto const it = index_.find(name);
-    DRDIFF_CHECK(it != index_.end(), "model: no tensor named '", name, "'");
-    return it->second;
-  }
-  float const* p(std::string const& name) const { return params_[find(name)].data(); }
+  float const* p(std::string const& name) const { return w_.tensor(name).data(); }
 
   void reserve(std::int64_t T, int seq) {
     auto const& s = cfg_.sizes;

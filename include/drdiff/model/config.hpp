@@ -28,11 +28,11 @@ enum class ffn_activation { gelu, swiglu };
 struct model_sizes {
   int vocab = 256;       ///< V (256: the byte-level tokenizer)
   int embed_dim = 16;    ///< d_e, the diffusion space (DiffuSeq: 128)
-  int d_model = 64;
-  int heads = 2;         ///< head_dim = d_model / heads (32..256, a multiple of 8)
+  int d_model = 128;
+  int heads = 2;         ///< head_dim = d_model / heads (CPU: 32..256, a multiple of 8; GPU: 64 or 128)
   int blocks = 2;
   int experts = 4;
-  int d_ff = 128;        ///< per expert
+  int d_ff = 256;        ///< per expert
   int shared_experts = 0;
   int time_dim = 32;     ///< width of the sinusoidal time features (even)
 
@@ -99,7 +99,7 @@ struct model_config {
 
 namespace presets {
 
-/// For tests: 2 blocks of d_model 64, 4 experts top-2.
+/// For tests: 2 blocks of d_model 128 (2 heads of 64), 4 experts top-2 of FFN 256, d_e = 16.
 inline model_config<> tiny() { return {}; }
 
 /// For CPU benchmarks: 4 blocks of d_model 256 (4 heads of 64), 8 experts top-2 of FFN 512.

@@ -6,8 +6,10 @@
 /// <drdiff/cpu/model.hpp>.
 
 #include <drdiff/core/backend.hpp>
+#include <drdiff/core/error.hpp>
 #include <drdiff/model/config.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -43,5 +45,32 @@ struct generation_result {
   double seconds = 0;
   model_timing timing{};
 };
+
+namespace detail {
+
+/// What both backends build before sampling: the request checked against the vocabulary, the
+/// target flags (0 = prompt, kept clean) and the clean embeddings of the prompt positions.
+struct generation_layout {
+  int prompt = 0, tokens = 0;
+  std::vector<unsigned char> target;
+  std::vector<float> clean;
+
+  generation_layout(generation_request const& req, int vocab, float const* embed, int dim)
+      : prompt(int(req.prompt.size())), tokens(int(req.prompt.size()) + req.length) {
+    DRDIFF_CHECK(req.length >= 1, "generate: length = ", req.length, " must be >= 1");
+    for (std::size_t i = 0; i < req.prompt.size(); ++i)
+      DRDIFF_CHECK(req.prompt[i] >= 0 && req.prompt[i] < vocab, "generate: prompt token ", i, " = ", req.prompt[i],
+                   " is outside the vocabulary 0..", vocab - 1);
+    target.assign(std::size_t(tokens), 1);
+    clean.assign(std::size_t(tokens) * dim, 0.f);
+    for (int i = 0; i < prompt; ++i) {
+      target[std::size_t(i)] = 0;
+      float const* row = embed + std::size_t(req.prompt[std::size_t(i)]) * dim;
+      std::copy(row, row + dim, clean.begin() + std::ptrdiff_t(i) * dim);
+    }
+  }
+};
+
+}  // namespace detail
 
 DRDIFF_NAMESPACE_END
