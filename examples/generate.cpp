@@ -1,15 +1,20 @@
-// drdiff-generate: text generation with a DrDiff model on the CPU.
+// drdiff-generate: text generation with a DrDiff model on the CPU or, when built with nvcc (CMake
+// compiles this file as CUDA when the toolkit is found), on the GPU.
 //
 //   drdiff-generate [--preset tiny|small|base | --weights FILE] [--length N] [--steps S]
 //                   [--solver ddim|2m|3m] [--seed S] [--prompt TEXT] [--vocab FILE.json]
 //                   [--guidance] [--threads T] [--backend cpu|cuda] [--save-weights FILE]
-//                   [--progress] [--raw]
+//                   [--progress] [--timing] [--raw]
 //
 // Without --weights the preset's weights are random from --seed (the library ships no trained
 // weights), so the text is noise; the run still exercises the whole pipeline and reports its speed.
 
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/model/tokenizer.hpp>
+#if defined(__CUDACC__)
+#include <drdiff/cuda.cuh>
+#include <drdiff/cuda/model.cuh>
+#endif
 
 #include <unistd.h>
 
@@ -29,14 +34,15 @@ struct options {
   std::string preset = "small", weights, solver = "2m", prompt, vocab, backend = "cpu", save;
   int length = 256, steps = 0, threads = 0;
   unsigned long long seed = 0;
-  bool guidance = false, progress = false, raw = false;
+  bool guidance = false, progress = false, raw = false, timing = false;
 };
 
 char const* usage =
     "usage: drdiff-generate [--preset tiny|small|base | --weights FILE] [--length N] [--steps S]\n"
     "                       [--solver ddim|2m|3m] [--seed S] [--prompt TEXT] [--vocab FILE.json]\n"
     "                       [--guidance] [--threads T] [--backend cpu|cuda] [--save-weights FILE]\n"
-    "                       [--progress] [--raw]\n";
+    "                       [--progress] [--timing] [--raw]\n"
+    "--timing: on the GPU, time each component with CUDA events (synchronises; slower)\n";
 
 [[noreturn]] void bad(std::string const& msg) {
   std::fprintf(stderr, "drdiff-generate: %s\n%s", msg.c_str(), usage);
@@ -77,6 +83,7 @@ options parse(int argc, char** argv) {
     else if (a == "--save-weights") o.save = value();
     else if (a == "--progress") o.progress = true;
     else if (a == "--raw") o.raw = true;
+    else if (a == "--timing") o.timing = true;
     else bad("unknown option '" + a + "'");
   }
   if (o.preset != "tiny" && o.preset != "small" && o.preset != "base") bad("--preset '" + o.preset + "' is not tiny, small or base");
@@ -103,10 +110,13 @@ std::string printable(std::string const& s) {
 
 int main(int argc, char** argv) {
   options const o = parse(argc, argv);
+#if !defined(__CUDACC__)
   if (o.backend == "cuda") {
-    std::fprintf(stderr, "drdiff-generate: --backend cuda: this program has no GPU model yet; use --backend cpu\n");
+    std::fprintf(stderr, "drdiff-generate: --backend cuda: this build has no CUDA (nvcc was not found when it was "
+                         "configured); use --backend cpu\n");
     return 2;
   }
+#endif
   try {
     auto cfg = o.preset == "tiny" ? presets::tiny() : o.preset == "small" ? presets::small() : presets::base();
     if (o.steps) cfg.steps = o.steps;
@@ -140,10 +150,19 @@ int main(int argc, char** argv) {
         if (step == steps) std::fputc('\n', stderr);
         std::fflush(stderr);
       };
-    std::fprintf(stderr, "drdiff-generate: preset %s (%lld active parameters), %d + %d tokens, %d steps of %s\n",
-                 o.preset.c_str(), (long long)cfg.sizes.active_parameters(cfg.router.k), int(req.prompt.size()), o.length,
+    std::fprintf(stderr, "drdiff-generate: %s, preset %s (%lld active parameters), %d + %d tokens, %d steps of %s\n",
+                 o.backend.c_str(), o.preset.c_str(), (long long)cfg.sizes.active_parameters(cfg.router.k), int(req.prompt.size()), o.length,
                  cfg.steps, o.solver.c_str());
-    auto const r = m.generate(context<cpu>{o.threads}, req);
+    generation_result r;
+    if (o.backend == "cpu") {
+      r = m.generate(context<cpu>{o.threads}, req);
+    } else {
+#if defined(__CUDACC__)
+      DRDIFF_CHECK(cuda_device_count() > 0, "drdiff-generate: --backend cuda: no CUDA device found");
+      model<drdiff::cuda, model_config<>> g(cfg, m.weights());
+      r = g.generate(req, o.timing);
+#endif
+    }
     std::string const text = use_vocab ? vocab.decode(r.tokens) : bytes.decode(r.tokens);
     std::fputs((o.raw ? text : printable(text)).c_str(), stdout);
     std::fputc('\n', stdout);
