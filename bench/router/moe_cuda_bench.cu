@@ -48,6 +48,15 @@ void run(benchmark::State& state, R const& r) {
   state.counters["tokens"] = benchmark::Counter(kT, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["active"] = rows / kT;
   state.counters["flops"] = benchmark::Counter(4.0 * kD * kF * rows, benchmark::Counter::kIsIterationInvariantRate);
+  // The phases of one more call: expert GEMM rate, and the bytes/s of dispatch + combine (read + write).
+  cuda_moe_timing ph;
+  moe_forward(context<drdiff::cuda>{}, r, a, ws, bytes, nullptr, &ph);
+  state.counters["route_ms"] = ph.route_ms;
+  state.counters["dispatch_ms"] = ph.dispatch_ms;
+  state.counters["experts_ms"] = ph.experts_ms;
+  state.counters["combine_ms"] = ph.combine_ms;
+  state.counters["expert_TFLOPs"] = 4.0 * kD * kF * rows / (ph.experts_ms * 1e-3) * 1e-12;
+  state.counters["move_GBs"] = (ph.dispatch_bytes + ph.combine_bytes) / ((ph.dispatch_ms + ph.combine_ms) * 1e-3) * 1e-9;
   cublasDestroy(handle);
 }
 
@@ -81,6 +90,19 @@ void BM_dense_ffn_cuda(benchmark::State& state) {
   cublasDestroy(handle);
 }
 BENCHMARK(BM_dense_ffn_cuda)->ArgNames({"k"})->Arg(1)->Arg(2)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+
+// The copy ceiling: a device-to-device copy of 256 MB; bytes moved = read + write.
+void BM_copy_cuda(benchmark::State& state) {
+  std::size_t const n = std::size_t(256) << 20;
+  buffers b;
+  auto* src = b.alloc<unsigned char>(n);
+  auto* dst = b.alloc<unsigned char>(n);
+  DRDIFF_CUDA_CHECK(cudaMemset(src, 1, n));
+  bench::cuda_event_timer timer;
+  for (auto _ : state) timer.time(state, 5, [&] { DRDIFF_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice)); });
+  state.counters["move_GBs"] = benchmark::Counter(2.0 * n * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_copy_cuda)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 
 }  // namespace
 

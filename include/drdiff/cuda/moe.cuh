@@ -44,6 +44,16 @@ struct cuda_moe_args {
   cublasHandle_t cublas = nullptr;  ///< the caller's handle (its stream is set to ctx.stream)
 };
 
+/// Per-phase times of one moe_forward call (milliseconds, CUDA events; asking for them adds one
+/// synchronisation at the end of the call).
+struct cuda_moe_timing {
+  float route_ms = 0;     ///< router GEMM, routing kernel, sort, histogram, the row-count copy
+  float dispatch_ms = 0;  ///< slot inversion and the gather of token rows into expert order
+  float experts_ms = 0;   ///< the expert GEMMs and the activation
+  float combine_ms = 0;   ///< the weighted combine in selection order
+  double dispatch_bytes = 0, combine_bytes = 0;  ///< bytes the gather and the combine move
+};
+
 namespace detail {
 
 using drdiff::detail::cublas_check;
@@ -81,23 +91,24 @@ __global__ void moe_gather_kernel(T const* x, unsigned const* sorted_entries, in
   for (int k = threadIdx.x; k < d; k += blockDim.x) xs[std::size_t(r) * d + k] = x[token * d + k];
 }
 
+/// In place: h ← act(h) (GELU) or silu(g)·h (SwiGLU), computed in fp32, stored in T.
 template <class T>
-__global__ void moe_activation_kernel(float* h, float const* g, std::size_t n, int swiglu, T* hq) {
+__global__ void moe_activation_kernel(T* h, T const* g, std::size_t n, int swiglu) {
   for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
-    float const u = h[i];
+    float const u = float(h[i]);
     float v;
     if (swiglu) {
-      float const gv = g[i];
+      float const gv = float(g[i]);
       v = u * gv / (1.f + expf(-gv));
     } else {
       v = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
     }
-    hq[i] = T(v);
+    h[i] = T(v);
   }
 }
 
 template <class T>
-__global__ void moe_combine_kernel(float const* y, int const* count, float const* weight, int width, int d, int tokens,
+__global__ void moe_combine_kernel(T const* y, int const* count, float const* weight, int width, int d, int tokens,
                                    int const* slot_of, T* out) {
   int const t = blockIdx.x;
   if (t >= tokens) return;
@@ -105,7 +116,7 @@ __global__ void moe_combine_kernel(float const* y, int const* count, float const
     float acc = 0.f;
     for (int j = 0; j < count[t]; ++j) {
       std::size_t const entry = std::size_t(t) * width + j;
-      acc += weight[entry] * y[std::size_t(slot_of[entry]) * d + k];
+      acc += weight[entry] * float(y[std::size_t(slot_of[entry]) * d + k]);
     }
     out[std::size_t(t) * d + k] = T(acc);
   }
@@ -124,11 +135,11 @@ __global__ inline void moe_invert_kernel(unsigned const* sorted_entries, int row
 
 /// Workspace layout of one call.
 struct moe_layout {
-  std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, bad, xs, h, g, hq,
-      y, sort_temp, total;
+  std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, bad, xs, h, g, y,
+      sort_temp, total;
 };
 template <class T>
-moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_t sort_temp) {
+moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_t sort_temp, bool swiglu) {
   moe_layout l{};
   std::size_t off = 0;
   auto take = [&](std::size_t bytes) {
@@ -148,10 +159,10 @@ moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_
   l.slot_of = take(entries * sizeof(int));
   l.bad = take(sizeof(int) * (std::size_t(experts) + 1));  // [non-finite flag, counts per expert]
   l.xs = take(entries * d * sizeof(T));
-  l.h = take(entries * f * sizeof(float));
-  l.g = take(entries * f * sizeof(float));
-  l.hq = take(entries * f * sizeof(T));
-  l.y = take(entries * d * sizeof(float));
+  // Expert intermediates in T (bf16 halves their traffic; fp32 accumulation inside the GEMMs).
+  l.h = take(entries * f * sizeof(T));
+  l.g = take(swiglu ? entries * f * sizeof(T) : 0);
+  l.y = take(entries * d * sizeof(T));
   l.sort_temp = take(sort_temp);
   l.total = off + 256;
   return l;
@@ -174,14 +185,16 @@ std::size_t moe_workspace_bytes(Router const& r, cuda_moe_args<T> const& a) {
                                                     static_cast<unsigned*>(nullptr), static_cast<unsigned*>(nullptr),
                                                     static_cast<unsigned*>(nullptr), entries, 0,
                                                     detail::key_bits(a.experts)));
-  return detail::moe_plan<T>(a.tokens, a.d_model, a.d_ff, a.experts, width, sort_temp).total;
+  return detail::moe_plan<T>(a.tokens, a.d_model, a.d_ff, a.experts, width, sort_temp,
+                             a.act == cuda_activation::swiglu).total;
 }
 
 /// The routed MoE FFN on ctx.stream; `workspace` holds moe_workspace_bytes(...) bytes. Returns
 /// after copying the per-expert row counts to `tokens_per_expert` (host, size E) when given.
 template <class T, class Router>
 void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> const& a, void* workspace,
-                 std::size_t workspace_bytes, std::vector<int>* tokens_per_expert = nullptr) {
+                 std::size_t workspace_bytes, std::vector<int>* tokens_per_expert = nullptr,
+                 cuda_moe_timing* timing = nullptr) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>,
                 "drdiff::router::moe_forward (cuda): element type float or __nv_bfloat16.");
   DRDIFF_CHECK(a.experts > 0 && a.experts <= max_experts, "moe: experts E = ", a.experts, " must be in 1..", max_experts);
@@ -200,7 +213,7 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
   DRDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_temp, static_cast<unsigned*>(nullptr),
                                                     static_cast<unsigned*>(nullptr), static_cast<unsigned*>(nullptr),
                                                     static_cast<unsigned*>(nullptr), entries, 0, detail::key_bits(E)));
-  auto const l = detail::moe_plan<T>(T_, d, f, E, width, sort_temp);
+  auto const l = detail::moe_plan<T>(T_, d, f, E, width, sort_temp, a.act == cuda_activation::swiglu);
   DRDIFF_CHECK(workspace && workspace_bytes >= l.total, "moe (cuda): workspace_bytes = ", workspace_bytes,
                " is smaller than the ", l.total, " bytes moe_workspace_bytes() asks for");
   auto* base = static_cast<unsigned char*>(workspace);
@@ -217,11 +230,17 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
   int* slot_of = static_cast<int*>(at(l.slot_of));
   int* bad = static_cast<int*>(at(l.bad));
   T* xs = static_cast<T*>(at(l.xs));
-  float* h = static_cast<float*>(at(l.h));
-  float* g = static_cast<float*>(at(l.g));
-  T* hq = static_cast<T*>(at(l.hq));
-  float* y = static_cast<float*>(at(l.y));
+  T* h = static_cast<T*>(at(l.h));
+  T* g = static_cast<T*>(at(l.g));
+  T* y = static_cast<T*>(at(l.y));
 
+  cudaEvent_t ev[5] = {};
+  if (timing)
+    for (auto& e : ev) DRDIFF_CUDA_CHECK(cudaEventCreate(&e));
+  auto mark = [&](int i) {
+    if (timing) DRDIFF_CUDA_CHECK(cudaEventRecord(ev[i], stream));
+  };
+  mark(0);
   // 1. Router logits (fp32) and routing.
   detail::gemm_abt(a.cublas, T_, E, d, a.x, d, a.w_router, d, logits, E);
   DRDIFF_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int) * (std::size_t(E) + 1), stream));
@@ -249,10 +268,14 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
     for (int e = 0; e < E; ++e) (*tokens_per_expert)[e] = offsets[e + 1] - offsets[e];
   }
   // 4. Gather, expert GEMMs, activation, down projection.
+  mark(1);
   if (rows > 0) {
     detail::moe_invert_kernel<<<(rows + 255) / 256, 256, 0, stream>>>(ent_s, rows, slot_of);
     detail::moe_gather_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
     DRDIFF_CUDA_CHECK(cudaGetLastError());
+  }
+  mark(2);
+  if (rows > 0) {
     for (int e = 0; e < E; ++e) {
       int const b = offsets[e], n = offsets[e + 1] - b;
       std::size_t const off = std::size_t(e) * f * d;
@@ -262,17 +285,27 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
     }
     std::size_t const hn = std::size_t(rows) * f;
     detail::moe_activation_kernel<<<unsigned(std::min<std::size_t>((hn + 255) / 256, 4096)), 256, 0, stream>>>(
-        h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0, hq);
+        h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0);
     DRDIFF_CUDA_CHECK(cudaGetLastError());
     for (int e = 0; e < E; ++e) {
       int const b = offsets[e], n = offsets[e + 1] - b;
-      detail::gemm_abt(a.cublas, n, d, f, hq + std::size_t(b) * f, f, a.w_down + std::size_t(e) * d * f, f,
+      detail::gemm_abt(a.cublas, n, d, f, h + std::size_t(b) * f, f, a.w_down + std::size_t(e) * d * f, f,
                        y + std::size_t(b) * d, d);
     }
   }
   // 5. Combine in each token's selection order.
+  mark(3);
   detail::moe_combine_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, a.out);
   DRDIFF_CUDA_CHECK(cudaGetLastError());
+  mark(4);
+  if (timing) {
+    DRDIFF_CUDA_CHECK(cudaEventSynchronize(ev[4]));
+    float* out[4] = {&timing->route_ms, &timing->dispatch_ms, &timing->experts_ms, &timing->combine_ms};
+    for (int i = 0; i < 4; ++i) DRDIFF_CUDA_CHECK(cudaEventElapsedTime(out[i], ev[i], ev[i + 1]));
+    for (auto& e : ev) cudaEventDestroy(e);
+    timing->dispatch_bytes = double(rows) * (2.0 * d * sizeof(T) + sizeof(unsigned) + sizeof(int));
+    timing->combine_bytes = double(rows) * d * sizeof(T) + double(T_) * d * sizeof(T);
+  }
 }
 
 }  // namespace router
