@@ -22,6 +22,7 @@ using bench::buffers;
 template <class R>
 void run(benchmark::State& state, R const& r) {
   int const E = int(state.range(0));
+  auto const mode = static_cast<moe_gemm_mode>(state.range(1));
   buffers b;
   auto* x = b.alloc<__nv_bfloat16>(std::size_t(kT) * kD);
   auto* wr = b.alloc<__nv_bfloat16>(std::size_t(E) * kD);
@@ -37,6 +38,7 @@ void run(benchmark::State& state, R const& r) {
   cuda_moe_args<__nv_bfloat16> a;
   a.tokens = kT; a.d_model = kD; a.d_ff = kF; a.experts = E;
   a.x = x; a.w_router = wr; a.w_up = up; a.w_down = down; a.out = out; a.cublas = handle;
+  a.gemm_mode = mode;
   std::size_t const bytes = moe_workspace_bytes(r, a);
   void* ws = b.alloc<unsigned char>(bytes);
   std::vector<int> per_expert;
@@ -55,7 +57,8 @@ void run(benchmark::State& state, R const& r) {
   state.counters["dispatch_ms"] = ph.dispatch_ms;
   state.counters["experts_ms"] = ph.experts_ms;
   state.counters["combine_ms"] = ph.combine_ms;
-  state.counters["expert_TFLOPs"] = 4.0 * kD * kF * rows / (ph.experts_ms * 1e-3) * 1e-12;
+  state.counters["activation_ms"] = ph.activation_ms;
+  state.counters["gemm_TFLOPs"] = 4.0 * kD * kF * rows / (ph.gemm_ms * 1e-3) * 1e-12;
   state.counters["move_GBs"] = (ph.dispatch_bytes + ph.combine_bytes) / ((ph.dispatch_ms + ph.combine_ms) * 1e-3) * 1e-9;
   cublasDestroy(handle);
 }
@@ -63,9 +66,17 @@ void run(benchmark::State& state, R const& r) {
 void BM_moe_top1_cuda(benchmark::State& s) { run(s, top_k{1, true}); }
 void BM_moe_top2_cuda(benchmark::State& s) { run(s, top_k{2, true}); }
 void BM_moe_adaptive_cuda(benchmark::State& s) { run(s, adaptive<entropy_score>{1, 4}); }
-BENCHMARK(BM_moe_top1_cuda)->ArgNames({"E"})->Arg(8)->Arg(16)->Arg(64)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-BENCHMARK(BM_moe_top2_cuda)->ArgNames({"E"})->Arg(8)->Arg(16)->Arg(64)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-BENCHMARK(BM_moe_adaptive_cuda)->ArgNames({"E"})->Arg(8)->Arg(16)->Arg(64)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+// Arguments: experts, and the GEMM mode: 0 automatic (the default), 1 one GEMM per expert, 2 grouped
+// (both forced modes at E = 64, where the automatic choice matters).
+void moe_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"E", "gemm"});
+  for (int e : {8, 16, 64}) b->Args({e, 0});
+  b->Args({64, 1})->Args({64, 2});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+}
+BENCHMARK(BM_moe_top1_cuda)->Apply(moe_shapes);
+BENCHMARK(BM_moe_top2_cuda)->Apply(moe_shapes);
+BENCHMARK(BM_moe_adaptive_cuda)->Apply(moe_shapes);
 
 // The dense baselines: the two GEMMs of an FFN of width k·d_ff over every token (cuBLAS).
 void BM_dense_ffn_cuda(benchmark::State& state) {

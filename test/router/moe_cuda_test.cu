@@ -16,7 +16,7 @@ using namespace drdiff::router;
 namespace {
 
 template <class R>
-void compare(R const& r, bool swiglu, unsigned seed) {
+void compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic) {
   int const T = 300, d = 64, f = 128, E = 8;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -52,6 +52,7 @@ void compare(R const& r, bool swiglu, unsigned seed) {
   g.x = dx; g.w_router = dwr; g.b_router = dbr; g.w_up = dup; g.w_gate = dgate; g.w_down = ddown; g.out = dout;
   g.act = swiglu ? cuda_activation::swiglu : cuda_activation::gelu;
   g.cublas = handle;
+  g.gemm_mode = mode;
   std::size_t const bytes = moe_workspace_bytes(r, g);
   void* ws = nullptr;
   DRDIFF_CUDA_CHECK(cudaMalloc(&ws, bytes));
@@ -82,4 +83,6 @@ TEST_CASE("the CUDA MoE equals the CPU MoE", "[router][moe][cuda]") {
   compare(top_k{1, false}, true, seed + 1);
   compare(top_p{0.5f, 1, 4, false}, false, seed + 2);
   compare(adaptive<entropy_score>{1, 4}, true, seed + 3);
+  compare(top_k{2, true}, true, seed + 4, moe_gemm_mode::grouped);     // one grouped GEMM per projection
+  compare(top_k{2, true}, false, seed + 5, moe_gemm_mode::per_expert);  // one GEMM per expert
 }

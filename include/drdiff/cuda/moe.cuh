@@ -28,6 +28,11 @@ namespace router {
 
 enum class cuda_activation { gelu, swiglu };
 
+/// How the expert GEMMs are issued: one cuBLAS GEMM per expert, one grouped GEMM per projection
+/// (cublasGemmGroupedBatchedEx), or automatic: grouped when experts get fewer than 384 rows on average
+/// (H100, d_model 1024, FFN 4096: grouped is 1.5× faster at 256 rows per expert, 2× slower at 2K+).
+enum class moe_gemm_mode { automatic, per_expert, grouped };
+
 /// One MoE call on the GPU: device pointers, row-major, the same layouts as moe_args.
 template <class T>
 struct cuda_moe_args {
@@ -42,6 +47,7 @@ struct cuda_moe_args {
   cuda_activation act = cuda_activation::gelu;
   float timestep = 0.f;
   cublasHandle_t cublas = nullptr;  ///< the caller's handle (its stream is set to ctx.stream)
+  moe_gemm_mode gemm_mode = moe_gemm_mode::automatic;
 };
 
 /// Per-phase times of one moe_forward call (milliseconds, CUDA events; asking for them adds one
@@ -49,7 +55,9 @@ struct cuda_moe_args {
 struct cuda_moe_timing {
   float route_ms = 0;     ///< router GEMM, routing kernel, sort, histogram, the row-count copy
   float dispatch_ms = 0;  ///< slot inversion and the gather of token rows into expert order
-  float experts_ms = 0;   ///< the expert GEMMs and the activation
+  float experts_ms = 0;   ///< the expert GEMMs and the activation (= gemm_ms + activation_ms)
+  float gemm_ms = 0;      ///< the expert GEMMs alone (up, gate and down projections)
+  float activation_ms = 0;
   float combine_ms = 0;   ///< the weighted combine in selection order
   double dispatch_bytes = 0, combine_bytes = 0;  ///< bytes the gather and the combine move
 };
@@ -122,6 +130,74 @@ __global__ void moe_combine_kernel(T const* y, int const* count, float const* we
   }
 }
 
+/// 16-byte vector forms of the gather, activation and combine (rows a multiple of 16 bytes, aligned
+/// pointers): one uint4 per thread and step instead of one element.
+template <class T>
+inline constexpr int moe_vec = int(16 / sizeof(T));
+
+template <class T>
+__global__ void moe_gather_vec_kernel(T const* x, unsigned const* sorted_entries, int rows, int width, int d, T* xs) {
+  int const r = blockIdx.x;
+  if (r >= rows) return;
+  std::size_t const token = sorted_entries[r] / unsigned(width);
+  int const chunks = d / moe_vec<T>;
+  uint4 const* src = reinterpret_cast<uint4 const*>(x + token * d);
+  uint4* dst = reinterpret_cast<uint4*>(xs + std::size_t(r) * d);
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[c] = src[c];
+}
+
+template <class T>
+__global__ void moe_activation_vec_kernel(T* h, T const* g, std::size_t chunks, int swiglu) {
+  constexpr int V = moe_vec<T>;
+  for (std::size_t c = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; c < chunks;
+       c += std::size_t(gridDim.x) * blockDim.x) {
+    uint4 hv = reinterpret_cast<uint4*>(h)[c], gv{};
+    if (swiglu) gv = reinterpret_cast<uint4 const*>(g)[c];
+    T* he = reinterpret_cast<T*>(&hv);
+    T const* ge = reinterpret_cast<T const*>(&gv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      float const u = float(he[k]);
+      float v;
+      if (swiglu) {
+        float const gk = float(ge[k]);
+        v = u * gk / (1.f + expf(-gk));
+      } else {
+        v = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+      }
+      he[k] = T(v);
+    }
+    reinterpret_cast<uint4*>(h)[c] = hv;
+  }
+}
+
+template <class T>
+__global__ void moe_combine_vec_kernel(T const* y, int const* count, float const* weight, int width, int d, int tokens,
+                                       int const* slot_of, T* out) {
+  constexpr int V = moe_vec<T>;
+  int const t = blockIdx.x;
+  if (t >= tokens) return;
+  int const chunks = d / V, n = count[t];
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    float acc[V] = {};
+    for (int j = 0; j < n; ++j) {  // each token's selection order: the same sum on every run
+      std::size_t const entry = std::size_t(t) * width + j;
+      uint4 const v = reinterpret_cast<uint4 const*>(y + std::size_t(slot_of[entry]) * d)[c];
+      T const* e = reinterpret_cast<T const*>(&v);
+      float const w = weight[entry];
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[k] += w * float(e[k]);
+    }
+    uint4 o;
+    T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int k = 0; k < V; ++k) oe[k] = T(acc[k]);
+    reinterpret_cast<uint4*>(out + std::size_t(t) * d)[c] = o;
+  }
+}
+
+inline bool aligned16(void const* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
 /// counts[e] = number of selections of expert e (integer atomics: the counts are exact).
 __global__ inline void moe_histogram_kernel(unsigned const* keys, std::size_t n, int experts, int* counts) {
   for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
@@ -136,7 +212,7 @@ __global__ inline void moe_invert_kernel(unsigned const* sorted_entries, int row
 /// Workspace layout of one call.
 struct moe_layout {
   std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, bad, xs, h, g, y,
-      sort_temp, total;
+      ptrs, sort_temp, total;
 };
 template <class T>
 moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_t sort_temp, bool swiglu) {
@@ -163,6 +239,7 @@ moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_
   l.h = take(entries * f * sizeof(T));
   l.g = take(swiglu ? entries * f * sizeof(T) : 0);
   l.y = take(entries * d * sizeof(T));
+  l.ptrs = take(9 * std::size_t(experts) * sizeof(void*));  // grouped GEMMs: A, B, C pointers × 3 projections
   l.sort_temp = take(sort_temp);
   l.total = off + 256;
   return l;
@@ -234,7 +311,7 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
   T* g = static_cast<T*>(at(l.g));
   T* y = static_cast<T*>(at(l.y));
 
-  cudaEvent_t ev[5] = {};
+  cudaEvent_t ev[7] = {};
   if (timing)
     for (auto& e : ev) DRDIFF_CUDA_CHECK(cudaEventCreate(&e));
   auto mark = [&](int i) {
@@ -267,41 +344,99 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
     tokens_per_expert->resize(E);
     for (int e = 0; e < E; ++e) (*tokens_per_expert)[e] = offsets[e + 1] - offsets[e];
   }
-  // 4. Gather, expert GEMMs, activation, down projection.
+  // One grouped GEMM over the experts with rows: out[rows_e × n_out] = in[rows_e × k] · W_eᵀ, the
+  // pointer arrays in the workspace (slot `which` of 3), the shapes on the host.
+  void** const ptr_base = static_cast<void**>(at(l.ptrs));
+  auto grouped = [&](T const* w, std::size_t w_stride, int n_out, int k, T const* in, T* out, int which) {
+    std::vector<void const*> hp(3 * std::size_t(E));
+    std::vector<int> m_arr, n_arr, k_arr, lda, ldb, ldc, sizes;
+    std::vector<cublasOperation_t> ta, tb;
+    std::vector<float> alpha, beta;
+    int groups = 0;
+    for (int e = 0; e < E; ++e) {
+      int const b = offsets[e], n = offsets[e + 1] - b;
+      if (n == 0) continue;
+      hp[std::size_t(groups)] = w + std::size_t(e) * w_stride;                      // cuBLAS A: the weights
+      hp[std::size_t(E + groups)] = in + std::size_t(b) * k;                       // cuBLAS B: the rows
+      hp[std::size_t(2 * E + groups)] = out + std::size_t(b) * n_out;              // cuBLAS C
+      ta.push_back(CUBLAS_OP_T); tb.push_back(CUBLAS_OP_N);
+      m_arr.push_back(n_out); n_arr.push_back(n); k_arr.push_back(k);
+      lda.push_back(k); ldb.push_back(k); ldc.push_back(n_out);
+      alpha.push_back(1.f); beta.push_back(0.f); sizes.push_back(1);
+      ++groups;
+    }
+    if (groups == 0) return;
+    void** dp = ptr_base + 3 * std::size_t(E) * which;
+    DRDIFF_CUDA_CHECK(cudaMemcpyAsync(dp, hp.data(), hp.size() * sizeof(void*), cudaMemcpyHostToDevice, stream));
+    detail::cublas_check(
+        cublasGemmGroupedBatchedEx(a.cublas, ta.data(), tb.data(), m_arr.data(), n_arr.data(), k_arr.data(),
+                                   alpha.data(), dp, detail::cuda_type<T>(), lda.data(), dp + E,
+                                   detail::cuda_type<T>(), ldb.data(), beta.data(), dp + 2 * E, detail::cuda_type<T>(),
+                                   ldc.data(), groups, sizes.data(), CUBLAS_COMPUTE_32F),
+        "cublasGemmGroupedBatchedEx");
+  };
+  int active = 0;
+  for (int e = 0; e < E; ++e) active += offsets[e + 1] > offsets[e];
+  bool const use_grouped = a.gemm_mode == moe_gemm_mode::grouped ||
+                           (a.gemm_mode == moe_gemm_mode::automatic && active > 0 && rows < 384 * active);
+  // 4. Gather, expert GEMMs, activation, down projection (16-byte vectors when rows allow them).
+  bool const vectorized = d % detail::moe_vec<T> == 0 && detail::aligned16(a.x) && detail::aligned16(a.out);
   mark(1);
   if (rows > 0) {
     detail::moe_invert_kernel<<<(rows + 255) / 256, 256, 0, stream>>>(ent_s, rows, slot_of);
-    detail::moe_gather_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
+    if (vectorized) detail::moe_gather_vec_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
+    else detail::moe_gather_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
     DRDIFF_CUDA_CHECK(cudaGetLastError());
   }
   mark(2);
   if (rows > 0) {
-    for (int e = 0; e < E; ++e) {
-      int const b = offsets[e], n = offsets[e + 1] - b;
-      std::size_t const off = std::size_t(e) * f * d;
-      detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_up + off, d, h + std::size_t(b) * f, f);
-      if (a.act == cuda_activation::swiglu)
-        detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_gate + off, d, g + std::size_t(b) * f, f);
+    if (use_grouped) {
+      grouped(a.w_up, std::size_t(f) * d, f, d, xs, h, 0);
+      if (a.act == cuda_activation::swiglu) grouped(a.w_gate, std::size_t(f) * d, f, d, xs, g, 1);
+    } else {
+      for (int e = 0; e < E; ++e) {
+        int const b = offsets[e], n = offsets[e + 1] - b;
+        std::size_t const off = std::size_t(e) * f * d;
+        detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_up + off, d, h + std::size_t(b) * f, f);
+        if (a.act == cuda_activation::swiglu)
+          detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_gate + off, d, g + std::size_t(b) * f, f);
+      }
     }
     std::size_t const hn = std::size_t(rows) * f;
-    detail::moe_activation_kernel<<<unsigned(std::min<std::size_t>((hn + 255) / 256, 4096)), 256, 0, stream>>>(
-        h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0);
+    mark(5);
+    if (f % detail::moe_vec<T> == 0) {  // h and g rows start at multiples of f elements of 256-aligned buffers
+      std::size_t const chunks = hn / detail::moe_vec<T>;
+      detail::moe_activation_vec_kernel<<<unsigned(std::min<std::size_t>((chunks + 255) / 256, 132 * 16)), 256, 0,
+                                          stream>>>(h, g, chunks, a.act == cuda_activation::swiglu ? 1 : 0);
+    } else {
+      detail::moe_activation_kernel<<<unsigned(std::min<std::size_t>((hn + 255) / 256, 4096)), 256, 0, stream>>>(
+          h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0);
+    }
     DRDIFF_CUDA_CHECK(cudaGetLastError());
-    for (int e = 0; e < E; ++e) {
-      int const b = offsets[e], n = offsets[e + 1] - b;
-      detail::gemm_abt(a.cublas, n, d, f, h + std::size_t(b) * f, f, a.w_down + std::size_t(e) * d * f, f,
-                       y + std::size_t(b) * d, d);
+    mark(6);
+    if (use_grouped) {
+      grouped(a.w_down, std::size_t(d) * f, d, f, h, y, 2);
+    } else {
+      for (int e = 0; e < E; ++e) {
+        int const b = offsets[e], n = offsets[e + 1] - b;
+        detail::gemm_abt(a.cublas, n, d, f, h + std::size_t(b) * f, f, a.w_down + std::size_t(e) * d * f, f,
+                         y + std::size_t(b) * d, d);
+      }
     }
   }
   // 5. Combine in each token's selection order.
   mark(3);
-  detail::moe_combine_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, a.out);
+  if (vectorized) detail::moe_combine_vec_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, a.out);
+  else detail::moe_combine_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, a.out);
   DRDIFF_CUDA_CHECK(cudaGetLastError());
   mark(4);
   if (timing) {
     DRDIFF_CUDA_CHECK(cudaEventSynchronize(ev[4]));
     float* out[4] = {&timing->route_ms, &timing->dispatch_ms, &timing->experts_ms, &timing->combine_ms};
     for (int i = 0; i < 4; ++i) DRDIFF_CUDA_CHECK(cudaEventElapsedTime(out[i], ev[i], ev[i + 1]));
+    timing->activation_ms = 0;
+    if (rows > 0) DRDIFF_CUDA_CHECK(cudaEventElapsedTime(&timing->activation_ms, ev[5], ev[6]));
+    timing->gemm_ms = timing->experts_ms - timing->activation_ms;
     for (auto& e : ev) cudaEventDestroy(e);
     timing->dispatch_bytes = double(rows) * (2.0 * d * sizeof(T) + sizeof(unsigned) + sizeof(int));
     timing->combine_bytes = double(rows) * d * sizeof(T) + double(T_) * d * sizeof(T);
