@@ -84,6 +84,12 @@ TEST_CASE("GPU model forward equals the CPU model (bf16 tolerance)", "[model][cu
   double const e3 = worst(compare_forward(dense, 1, 100, seed + 2));
   INFO("dense FFN: " << e3);
   CHECK(e3 <= 3e-2);
+  auto shared = all;
+  shared.sizes.shared_experts = 1;
+  shared.activation = ffn_activation::swiglu;
+  double const e5 = worst(compare_forward(shared, 1, 90, seed + 4));
+  INFO("SwiGLU with a shared expert: " << e5);
+  CHECK(e5 <= 3e-2);
   // Top-2 of 4: a token whose second and third expert nearly tie may route differently in bf16 and
   // fp32; the others agree.
   auto const e4 = compare_forward(presets::tiny(), 2, 300, seed + 3);

@@ -1,5 +1,5 @@
-// The GPU MoE equals the CPU MoE: fp32 ≤ 1e-5 relative for several routers, both activations and both
-// GEMM modes; bf16 within 1e-2.
+// The GPU MoE equals the CPU MoE: fp32 ≤ 1e-5 relative for several routers, both activations, both
+// GEMM modes and shared experts; bf16 within 1e-2.
 
 #include <drdiff/cpu/moe.hpp>
 #include <drdiff/cuda.cuh>
@@ -32,7 +32,8 @@ struct comparison {
 /// Runs the CPU layer in fp32 and the GPU layer in T on the same values (for bf16, the CPU sees the
 /// bf16-rounded inputs and weights, so only the GPU's bf16 arithmetic differs).
 template <class T, class R>
-comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic) {
+comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic,
+                   int shared = 0) {
   int const T_ = 300, d = 64, f = 128, E = 8;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -44,12 +45,17 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   auto x = make(std::size_t(T_) * d, 1.f), wr = make(std::size_t(E) * d, 0.125f), br = make(E, 0.1f);
   auto up = make(std::size_t(E) * f * d, 0.125f), gate = make(std::size_t(E) * f * d, 0.125f);
   auto down = make(std::size_t(E) * d * f, 0.09f);
+  int const S = std::max(shared, 1);
+  auto sup = make(std::size_t(S) * f * d, 0.125f), sgate = make(std::size_t(S) * f * d, 0.125f);
+  auto sdown = make(std::size_t(S) * d * f, 0.09f);
   std::vector<float> out_cpu(std::size_t(T_) * d);
   moe_args a;
   a.tokens = T_; a.d_model = d; a.d_ff = f; a.experts = E;
   a.x = x.data(); a.w_router = wr.data(); a.b_router = br.data(); a.w_up = up.data(); a.w_gate = gate.data();
   a.w_down = down.data(); a.out = out_cpu.data();
   a.act = swiglu ? activation::swiglu : activation::gelu;
+  a.shared_experts = shared;
+  a.w_shared_up = sup.data(); a.w_shared_gate = sgate.data(); a.w_shared_down = sdown.data();
   moe_stats st;
   moe_forward(context<cpu>{}, r, a, &st);
 
@@ -64,6 +70,7 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   };
   T *dx = dev(x), *dwr = dev(wr), *dup = dev(up), *dgate = dev(gate), *ddown = dev(down);
   T* dout = dev(std::vector<float>(std::size_t(T_) * d, std::nanf("")));
+  T *dsup = dev(sup), *dsgate = dev(sgate), *dsdown = dev(sdown);
   float* dbr = nullptr;
   DRDIFF_CUDA_CHECK(cudaMalloc(&dbr, br.size() * sizeof(float)));
   DRDIFF_CUDA_CHECK(cudaMemcpy(dbr, br.data(), br.size() * sizeof(float), cudaMemcpyHostToDevice));
@@ -76,6 +83,8 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   g.act = swiglu ? cuda_activation::swiglu : cuda_activation::gelu;
   g.cublas = handle;
   g.gemm_mode = mode;
+  g.shared_experts = shared;
+  g.w_shared_up = dsup; g.w_shared_gate = dsgate; g.w_shared_down = dsdown;
   std::size_t const bytes = moe_workspace_bytes(r, g);
   void* ws = nullptr;
   DRDIFF_CUDA_CHECK(cudaMalloc(&ws, bytes));
@@ -99,8 +108,9 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
 }
 
 template <class R>
-void equal_fp32(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic) {
-  auto const c = compare<float>(r, swiglu, seed, mode);
+void equal_fp32(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic,
+                int shared = 0) {
+  auto const c = compare<float>(r, swiglu, seed, mode, shared);
   INFO("relative difference " << c.worst());
   REQUIRE(c.worst() <= 1e-5);
   REQUIRE(c.same_counts);
@@ -117,6 +127,8 @@ TEST_CASE("the CUDA MoE equals the CPU MoE", "[router][moe][cuda]") {
   equal_fp32(adaptive<entropy_score>{1, 4}, true, seed + 3);
   equal_fp32(top_k{2, true}, true, seed + 4, moe_gemm_mode::grouped);     // one grouped GEMM per projection
   equal_fp32(top_k{2, true}, false, seed + 5, moe_gemm_mode::per_expert);  // one GEMM per expert
+  equal_fp32(top_k{1, true}, false, seed + 6, moe_gemm_mode::automatic, 2);  // two shared experts
+  equal_fp32(top_k{2, true}, true, seed + 7, moe_gemm_mode::automatic, 1);   // a shared SwiGLU expert
 }
 
 TEST_CASE("the CUDA MoE in bf16 equals the CPU MoE within 1e-2", "[router][moe][cuda]") {

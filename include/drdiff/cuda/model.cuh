@@ -5,7 +5,7 @@
 /// through drdiff::attention (tensor cores, any policy), the routed MoE through router::moe_forward
 /// (a model with one expert runs its FFN as two plain GEMMs), the solver state in fp32 on the
 /// device (solver::dpmpp_sample for context<cuda>), anchor hooks and rounding on the device.
-/// Include from a .cu file and link CUDA::cublas. Shared experts run on the CPU model only.
+/// Include from a .cu file and link CUDA::cublas.
 
 #include <drdiff/attention/args.hpp>
 #include <drdiff/attention/attention.hpp>
@@ -147,8 +147,6 @@ class model<cuda, Config> {
   /// Uploads `w` (matrices as bf16; vectors, norms and the embedding table kept in fp32).
   model(Config cfg, model_weights const& w, context<cuda> ctx = {}) : cfg_(std::move(cfg)), ctx_(ctx) {
     cfg_.validate();
-    DRDIFF_CHECK(cfg_.sizes.shared_experts == 0, "model (cuda): shared experts run on the CPU model only (shared_experts = ",
-                 cfg_.sizes.shared_experts, ")");
     detail::cublas_check(cublasCreate(&blas_), "cublasCreate");
     for (auto const& s : w.specs()) {
       auto const& v = w.tensor(s.name);
@@ -215,7 +213,7 @@ class model<cuda, Config> {
                                                             cfg_.norm_eps, ln_);
       ev.end(&model_timing::dense);
       ev.begin();
-      if (s.experts == 1 && cfg_.activation == ffn_activation::gelu) {  // a dense FFN: two GEMMs
+      if (s.experts == 1 && s.shared_experts == 0 && cfg_.activation == ffn_activation::gelu) {  // a dense FFN
         detail::gemm_bf16(blas_, int(T), s.d_ff, dm, ln_, m(pre + "moe.experts.up"), ffh_, 0.f);
         detail::model_gelu<<<detail::model_grid(std::size_t(T) * s.d_ff), 256, 0, st>>>(ffh_, std::size_t(T) * s.d_ff);
         detail::gemm_bf16(blas_, int(T), dm, s.d_ff, ffh_, m(pre + "moe.experts.down"), h_, 1.f);
@@ -368,6 +366,12 @@ class model<cuda, Config> {
     bool const swiglu = cfg_.activation == ffn_activation::swiglu;
     a.act = swiglu ? router::cuda_activation::swiglu : router::cuda_activation::gelu;
     if (swiglu) a.w_gate = m(pre + "moe.experts.gate");
+    a.shared_experts = s.shared_experts;
+    if (s.shared_experts > 0) {
+      a.w_shared_up = m(pre + "moe.shared.up");
+      a.w_shared_down = m(pre + "moe.shared.down");
+      if (swiglu) a.w_shared_gate = m(pre + "moe.shared.gate");
+    }
     a.timestep = float(t);
     a.cublas = blas_;
     return a;

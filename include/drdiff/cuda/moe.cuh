@@ -5,8 +5,9 @@
 /// radix sort of (expert, entry) on ⌈log₂(E+1)⌉ bits → row gather → per-expert GEMMs through cuBLAS
 /// on contiguous row ranges → activation → combine in each token's selection order (no atomics).
 /// Element types float and __nv_bfloat16 (fp32 accumulation); the router functor runs in fp32.
-/// The expert row counts are copied to the host once per call (cuBLAS needs them as sizes). Not yet
-/// on the GPU: shared experts, capacity dropping, expert choice (CPU only for now).
+/// The expert row counts are copied to the host once per call (cuBLAS needs them as sizes). Shared
+/// experts run as dense FFNs over every token, added after the routed experts. Not yet on the GPU:
+/// capacity dropping, expert choice (CPU only for now).
 
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/detail/blas.cuh>
@@ -45,6 +46,10 @@ struct cuda_moe_args {
   T const* w_down = nullptr;
   T* out = nullptr;
   cuda_activation act = cuda_activation::gelu;
+  int shared_experts = 0;            ///< always-on experts added to every token with weight 1 (DeepSeekMoE)
+  T const* w_shared_up = nullptr;    ///< [shared × d_ff × d_model]
+  T const* w_shared_gate = nullptr;  ///< [shared × d_ff × d_model], SwiGLU only
+  T const* w_shared_down = nullptr;  ///< [shared × d_model × d_ff]
   float timestep = 0.f;
   cublasHandle_t cublas = nullptr;  ///< the caller's handle (its stream is set to ctx.stream)
   moe_gemm_mode gemm_mode = moe_gemm_mode::automatic;
@@ -117,7 +122,7 @@ __global__ void moe_activation_kernel(T* h, T const* g, std::size_t n, int swigl
 
 template <class T>
 __global__ void moe_combine_kernel(T const* y, int const* count, float const* weight, int width, int d, int tokens,
-                                   int const* slot_of, T* out) {
+                                   int const* slot_of, T const* shared, T* out) {
   int const t = blockIdx.x;
   if (t >= tokens) return;
   for (int k = threadIdx.x; k < d; k += blockDim.x) {
@@ -126,6 +131,7 @@ __global__ void moe_combine_kernel(T const* y, int const* count, float const* we
       std::size_t const entry = std::size_t(t) * width + j;
       acc += weight[entry] * float(y[std::size_t(slot_of[entry]) * d + k]);
     }
+    if (shared) acc += float(shared[std::size_t(t) * d + k]);
     out[std::size_t(t) * d + k] = T(acc);
   }
 }
@@ -173,7 +179,7 @@ __global__ void moe_activation_vec_kernel(T* h, T const* g, std::size_t chunks, 
 
 template <class T>
 __global__ void moe_combine_vec_kernel(T const* y, int const* count, float const* weight, int width, int d, int tokens,
-                                       int const* slot_of, T* out) {
+                                       int const* slot_of, T const* shared, T* out) {
   constexpr int V = moe_vec<T>;
   int const t = blockIdx.x;
   if (t >= tokens) return;
@@ -187,6 +193,12 @@ __global__ void moe_combine_vec_kernel(T const* y, int const* count, float const
       float const w = weight[entry];
 #pragma unroll
       for (int k = 0; k < V; ++k) acc[k] += w * float(e[k]);
+    }
+    if (shared) {  // the shared experts' sum, added last (as on the CPU)
+      uint4 const v = reinterpret_cast<uint4 const*>(shared + std::size_t(t) * d)[c];
+      T const* e = reinterpret_cast<T const*>(&v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[k] += float(e[k]);
     }
     uint4 o;
     T* oe = reinterpret_cast<T*>(&o);
@@ -212,10 +224,11 @@ __global__ inline void moe_invert_kernel(unsigned const* sorted_entries, int row
 /// Workspace layout of one call.
 struct moe_layout {
   std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, bad, xs, h, g, y,
-      ptrs, sort_temp, total;
+      ptrs, shared, sort_temp, total;
 };
 template <class T>
-moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_t sort_temp, bool swiglu) {
+moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_t sort_temp, bool swiglu,
+                    bool shared = false) {
   moe_layout l{};
   std::size_t off = 0;
   auto take = [&](std::size_t bytes) {
@@ -240,6 +253,7 @@ moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_
   l.g = take(swiglu ? entries * f * sizeof(T) : 0);
   l.y = take(entries * d * sizeof(T));
   l.ptrs = take(9 * std::size_t(experts) * sizeof(void*));  // grouped GEMMs: A, B, C pointers × 3 projections
+  l.shared = take(shared ? std::size_t(tokens) * d * sizeof(T) : 0);  // Σ of the shared experts' outputs
   l.sort_temp = take(sort_temp);
   l.total = off + 256;
   return l;
@@ -263,7 +277,7 @@ std::size_t moe_workspace_bytes(Router const& r, cuda_moe_args<T> const& a) {
                                                     static_cast<unsigned*>(nullptr), entries, 0,
                                                     detail::key_bits(a.experts)));
   return detail::moe_plan<T>(a.tokens, a.d_model, a.d_ff, a.experts, width, sort_temp,
-                             a.act == cuda_activation::swiglu).total;
+                             a.act == cuda_activation::swiglu, a.shared_experts > 0).total;
 }
 
 /// The routed MoE FFN on ctx.stream; `workspace` holds moe_workspace_bytes(...) bytes. Returns
@@ -280,6 +294,10 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
   DRDIFF_CHECK(a.x && a.w_router && a.w_up && a.w_down && a.out && a.cublas,
                "moe (cuda): x, w_router, w_up, w_down, out and the cuBLAS handle must be set");
   DRDIFF_CHECK(a.act != cuda_activation::swiglu || a.w_gate, "moe: SwiGLU needs w_gate");
+  DRDIFF_CHECK(a.shared_experts >= 0, "moe: shared_experts = ", a.shared_experts, " must be >= 0");
+  DRDIFF_CHECK(a.shared_experts == 0 || (a.w_shared_up && a.w_shared_down &&
+                                         (a.act != cuda_activation::swiglu || a.w_shared_gate)),
+               "moe: shared_experts = ", a.shared_experts, " but the shared expert weights are not set");
   r.validate(a.experts);
   if (a.tokens == 0) return;
   auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
@@ -290,7 +308,8 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
   DRDIFF_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_temp, static_cast<unsigned*>(nullptr),
                                                     static_cast<unsigned*>(nullptr), static_cast<unsigned*>(nullptr),
                                                     static_cast<unsigned*>(nullptr), entries, 0, detail::key_bits(E)));
-  auto const l = detail::moe_plan<T>(T_, d, f, E, width, sort_temp, a.act == cuda_activation::swiglu);
+  auto const l = detail::moe_plan<T>(T_, d, f, E, width, sort_temp, a.act == cuda_activation::swiglu,
+                                     a.shared_experts > 0);
   DRDIFF_CHECK(workspace && workspace_bytes >= l.total, "moe (cuda): workspace_bytes = ", workspace_bytes,
                " is smaller than the ", l.total, " bytes moe_workspace_bytes() asks for");
   auto* base = static_cast<unsigned char*>(workspace);
@@ -424,10 +443,28 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
       }
     }
   }
-  // 5. Combine in each token's selection order.
+  // 5. Shared experts over every token (after the routed ones: h and g are free), summed in order.
+  T* shared = nullptr;
+  if (a.shared_experts > 0) {
+    shared = static_cast<T*>(at(l.shared));
+    std::size_t const hn = std::size_t(T_) * f;
+    for (int s2 = 0; s2 < a.shared_experts; ++s2) {
+      std::size_t const off = std::size_t(s2) * f * d;
+      detail::gemm_abt(a.cublas, T_, f, d, a.x, d, a.w_shared_up + off, d, h, f);
+      if (a.act == cuda_activation::swiglu) detail::gemm_abt(a.cublas, T_, f, d, a.x, d, a.w_shared_gate + off, d, g, f);
+      detail::moe_activation_kernel<<<unsigned(std::min<std::size_t>((hn + 255) / 256, 4096)), 256, 0, stream>>>(
+          h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0);
+      DRDIFF_CUDA_CHECK(cudaGetLastError());
+      detail::gemm_abt(a.cublas, T_, d, f, h, f, a.w_shared_down + std::size_t(s2) * d * f, f, shared, d,
+                       s2 == 0 ? 0.f : 1.f);
+    }
+  }
+  // 6. Combine in each token's selection order (then the shared sum).
   mark(3);
-  if (vectorized) detail::moe_combine_vec_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, a.out);
-  else detail::moe_combine_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, a.out);
+  if (vectorized)
+    detail::moe_combine_vec_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, shared, a.out);
+  else
+    detail::moe_combine_kernel<<<T_, 128, 0, stream>>>(y, count, weight, width, d, T_, slot_of, shared, a.out);
   DRDIFF_CUDA_CHECK(cudaGetLastError());
   mark(4);
   if (timing) {

@@ -24,13 +24,15 @@ constexpr cudaDataType_t cuda_type() {
   return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
 }
 
-/// C (M×N, row-major, ldc) = A (M×K, row-major, lda) · B (N×K, row-major, ldb)ᵀ, fp32 accumulation.
+/// C (M×N, row-major, ldc) = A (M×K, row-major, lda) · B (N×K, row-major, ldb)ᵀ + beta·C, fp32
+/// accumulation.
 template <class TA, class TB, class TC>
-void gemm_abt(cublasHandle_t h, int m, int n, int k, TA const* a, int lda, TB const* b, int ldb, TC* c, int ldc) {
+void gemm_abt(cublasHandle_t h, int m, int n, int k, TA const* a, int lda, TB const* b, int ldb, TC* c, int ldc,
+              float beta = 0.f) {
   if (m == 0 || n == 0) return;
-  float const one = 1.f, zero = 0.f;
+  float const one = 1.f;
   cublas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, cuda_type<TB>(), ldb, a, cuda_type<TA>(),
-                            lda, &zero, c, cuda_type<TC>(), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                            lda, &beta, c, cuda_type<TC>(), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                "cublasGemmEx");
 }
 
