@@ -22,6 +22,7 @@ namespace {
 struct comparison {
   std::vector<double> token_error;
   bool same_counts = false;
+  int dropped_cpu = 0, dropped_gpu = 0;
   double worst() const { return *std::max_element(token_error.begin(), token_error.end()); }
   double within(double tol) const {
     return double(std::count_if(token_error.begin(), token_error.end(), [&](double e) { return e <= tol; })) /
@@ -33,7 +34,7 @@ struct comparison {
 /// bf16-rounded inputs and weights, so only the GPU's bf16 arithmetic differs).
 template <class T, class R>
 comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic,
-                   int shared = 0) {
+                   int shared = 0, float capacity = 0.f) {
   int const T_ = 300, d = 64, f = 128, E = 8;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -55,6 +56,7 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   a.w_down = down.data(); a.out = out_cpu.data();
   a.act = swiglu ? activation::swiglu : activation::gelu;
   a.shared_experts = shared;
+  a.capacity_factor = capacity;
   a.w_shared_up = sup.data(); a.w_shared_gate = sgate.data(); a.w_shared_down = sdown.data();
   moe_stats st;
   moe_forward(context<cpu>{}, r, a, &st);
@@ -84,13 +86,14 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   g.cublas = handle;
   g.gemm_mode = mode;
   g.shared_experts = shared;
+  g.capacity_factor = capacity;
   g.w_shared_up = dsup; g.w_shared_gate = dsgate; g.w_shared_down = dsdown;
   std::size_t const bytes = moe_workspace_bytes(r, g);
   void* ws = nullptr;
   DRDIFF_CUDA_CHECK(cudaMalloc(&ws, bytes));
   owned.push_back(ws);
   std::vector<int> per_expert;
-  moe_forward(context<drdiff::cuda>{}, r, g, ws, bytes, &per_expert);  // ::cuda (libcu++) is visible too
+  int const dropped = moe_forward(context<drdiff::cuda>{}, r, g, ws, bytes, &per_expert);  // ::cuda is libcu++'s
   std::vector<T> out_gpu(std::size_t(T_) * d);
   DRDIFF_CUDA_CHECK(cudaMemcpy(out_gpu.data(), dout, out_gpu.size() * sizeof(T), cudaMemcpyDeviceToHost));
   double mag = 0;
@@ -102,6 +105,8 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
     c.token_error[i / d] = std::max(c.token_error[i / d], std::isfinite(v) ? std::abs(v - out_cpu[i]) / mag : INFINITY);
   }
   c.same_counts = per_expert == st.tokens_per_expert;
+  c.dropped_cpu = st.dropped;
+  c.dropped_gpu = dropped;
   cublasDestroy(handle);
   for (void* p : owned) cudaFree(p);
   return c;
@@ -109,8 +114,10 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
 
 template <class R>
 void equal_fp32(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic,
-                int shared = 0) {
-  auto const c = compare<float>(r, swiglu, seed, mode, shared);
+                int shared = 0, float capacity = 0.f) {
+  auto const c = compare<float>(r, swiglu, seed, mode, shared, capacity);
+  REQUIRE(c.dropped_gpu == c.dropped_cpu);
+  if (capacity > 0.f && capacity < 0.9f) REQUIRE(c.dropped_gpu > 0);
   INFO("relative difference " << c.worst());
   REQUIRE(c.worst() <= 1e-5);
   REQUIRE(c.same_counts);
@@ -129,6 +136,9 @@ TEST_CASE("the CUDA MoE equals the CPU MoE", "[router][moe][cuda]") {
   equal_fp32(top_k{2, true}, false, seed + 5, moe_gemm_mode::per_expert);  // one GEMM per expert
   equal_fp32(top_k{1, true}, false, seed + 6, moe_gemm_mode::automatic, 2);  // two shared experts
   equal_fp32(top_k{2, true}, true, seed + 7, moe_gemm_mode::automatic, 1);   // a shared SwiGLU expert
+  equal_fp32(top_k{2, true}, false, seed + 8, moe_gemm_mode::per_expert, 0, 0.6f);  // capacity: drops
+  equal_fp32(top_k{1, true}, true, seed + 9, moe_gemm_mode::grouped, 1, 0.5f);      // drops, grouped, shared
+  equal_fp32(top_k{2, true}, false, seed + 10, moe_gemm_mode::automatic, 0, 4.f);   // a loose limit: none
 }
 
 TEST_CASE("the CUDA MoE in bf16 equals the CPU MoE within 1e-2", "[router][moe][cuda]") {

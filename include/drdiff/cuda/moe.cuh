@@ -6,8 +6,9 @@
 /// on contiguous row ranges → activation → combine in each token's selection order (no atomics).
 /// Element types float and __nv_bfloat16 (fp32 accumulation); the router functor runs in fp32.
 /// The expert row counts are copied to the host once per call (cuBLAS needs them as sizes). Shared
-/// experts run as dense FFNs over every token, added after the routed experts. Not yet on the GPU:
-/// capacity dropping, expert choice (CPU only for now).
+/// experts run as dense FFNs over every token, added after the routed experts; an optional capacity
+/// factor drops each expert's selections past ⌈cf·T·k/E⌉ in token order, as on the CPU. Not yet on
+/// the GPU: expert choice (CPU only for now).
 
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/detail/blas.cuh>
@@ -20,7 +21,9 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -53,6 +56,7 @@ struct cuda_moe_args {
   float timestep = 0.f;
   cublasHandle_t cublas = nullptr;  ///< the caller's handle (its stream is set to ctx.stream)
   moe_gemm_mode gemm_mode = moe_gemm_mode::automatic;
+  float capacity_factor = 0.f;  ///< 0: dropless; > 0: each expert keeps its first ⌈cf·T·k/E⌉ rows in token order
 };
 
 /// Per-phase times of one moe_forward call (milliseconds, CUDA events; asking for them adds one
@@ -129,7 +133,8 @@ __global__ void moe_combine_kernel(T const* y, int const* count, float const* we
     float acc = 0.f;
     for (int j = 0; j < count[t]; ++j) {
       std::size_t const entry = std::size_t(t) * width + j;
-      acc += weight[entry] * float(y[std::size_t(slot_of[entry]) * d + k]);
+      int const slot = slot_of[entry];
+      if (slot >= 0) acc += weight[entry] * float(y[std::size_t(slot) * d + k]);
     }
     if (shared) acc += float(shared[std::size_t(t) * d + k]);
     out[std::size_t(t) * d + k] = T(acc);
@@ -188,7 +193,9 @@ __global__ void moe_combine_vec_kernel(T const* y, int const* count, float const
     float acc[V] = {};
     for (int j = 0; j < n; ++j) {  // each token's selection order: the same sum on every run
       std::size_t const entry = std::size_t(t) * width + j;
-      uint4 const v = reinterpret_cast<uint4 const*>(y + std::size_t(slot_of[entry]) * d)[c];
+      int const slot = slot_of[entry];
+      if (slot < 0) continue;  // dropped by the capacity limit
+      uint4 const v = reinterpret_cast<uint4 const*>(y + std::size_t(slot) * d)[c];
       T const* e = reinterpret_cast<T const*>(&v);
       float const w = weight[entry];
 #pragma unroll
@@ -216,9 +223,14 @@ __global__ inline void moe_histogram_kernel(unsigned const* keys, std::size_t n,
     if (keys[i] < unsigned(experts)) atomicAdd(counts + keys[i], 1);
 }
 
-__global__ inline void moe_invert_kernel(unsigned const* sorted_entries, int rows, int* slot_of) {
+/// slot_of[entry] = its row in expert order, or −1 when the capacity limit drops it (the rows of
+/// expert e start at seg[e]; the first kept[e] of them are kept). seg/kept null: dropless.
+__global__ inline void moe_invert_kernel(unsigned const* sorted_entries, unsigned const* sorted_keys, int rows,
+                                         int const* seg, int const* kept, int* slot_of) {
   int const r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r < rows) slot_of[sorted_entries[r]] = r;
+  if (r >= rows) return;
+  int const e = int(sorted_keys[r]);
+  slot_of[sorted_entries[r]] = (seg && r - seg[e] >= kept[e]) ? -1 : r;
 }
 
 /// Workspace layout of one call.
@@ -252,7 +264,7 @@ moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_
   l.h = take(entries * f * sizeof(T));
   l.g = take(swiglu ? entries * f * sizeof(T) : 0);
   l.y = take(entries * d * sizeof(T));
-  l.ptrs = take(9 * std::size_t(experts) * sizeof(void*));  // grouped GEMMs: A, B, C pointers × 3 projections
+  l.ptrs = take(9 * std::size_t(experts) * sizeof(void*) + 2 * std::size_t(experts) * sizeof(int));  // grouped GEMMs: A, B, C pointers × 3 projections
   l.shared = take(shared ? std::size_t(tokens) * d * sizeof(T) : 0);  // Σ of the shared experts' outputs
   l.sort_temp = take(sort_temp);
   l.total = off + 256;
@@ -280,10 +292,11 @@ std::size_t moe_workspace_bytes(Router const& r, cuda_moe_args<T> const& a) {
                              a.act == cuda_activation::swiglu, a.shared_experts > 0).total;
 }
 
-/// The routed MoE FFN on ctx.stream; `workspace` holds moe_workspace_bytes(...) bytes. Returns
-/// after copying the per-expert row counts to `tokens_per_expert` (host, size E) when given.
+/// The routed MoE FFN on ctx.stream; `workspace` holds moe_workspace_bytes(...) bytes. Returns the
+/// number of selections the capacity limit dropped (0 when dropless), after copying the per-expert
+/// row counts (kept rows) to `tokens_per_expert` (host, size E) when given.
 template <class T, class Router>
-void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> const& a, void* workspace,
+int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> const& a, void* workspace,
                  std::size_t workspace_bytes, std::vector<int>* tokens_per_expert = nullptr,
                  cuda_moe_timing* timing = nullptr) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>,
@@ -299,7 +312,9 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
                                          (a.act != cuda_activation::swiglu || a.w_shared_gate)),
                "moe: shared_experts = ", a.shared_experts, " but the shared expert weights are not set");
   r.validate(a.experts);
-  if (a.tokens == 0) return;
+  DRDIFF_CHECK(std::isfinite(a.capacity_factor) && a.capacity_factor >= 0.f, "moe: capacity_factor = ",
+               a.capacity_factor, " must be >= 0 (0 = dropless)");
+  if (a.tokens == 0) return 0;
   auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
   detail::cublas_check(cublasSetStream(a.cublas, stream), "cublasSetStream");
   int const T_ = a.tokens, E = a.experts, d = a.d_model, f = a.d_ff, width = r.max_selected(E);
@@ -356,13 +371,20 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
   DRDIFF_CUDA_CHECK(cudaMemcpyAsync(flags.data(), bad, flags.size() * sizeof(int), cudaMemcpyDeviceToHost, stream));
   DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
   DRDIFF_CHECK(flags[0] == 0, "moe (cuda): a router logit is not finite");
-  std::vector<int> offsets(E + 1, 0);
-  for (int e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + flags[e + 1];
-  int const rows = offsets[E];
-  if (tokens_per_expert) {
-    tokens_per_expert->resize(E);
-    for (int e = 0; e < E; ++e) (*tokens_per_expert)[e] = offsets[e + 1] - offsets[e];
+  // Rows of expert e: sorted positions start[e] .. start[e] + len[e] (len < count when the capacity
+  // limit drops the later tokens).
+  std::vector<int> start(E, 0), len(E, 0);
+  int rows = 0, dropped = 0;
+  int const cap = a.capacity_factor > 0.f
+                      ? int(std::ceil(double(a.capacity_factor) * T_ * width / E))
+                      : std::numeric_limits<int>::max();
+  for (int e = 0; e < E; ++e) {
+    start[e] = rows;
+    len[e] = std::min(flags[e + 1], cap);
+    dropped += flags[e + 1] - len[e];
+    rows += flags[e + 1];
   }
+  if (tokens_per_expert) tokens_per_expert->assign(len.begin(), len.end());
   // One grouped GEMM over the experts with rows: out[rows_e × n_out] = in[rows_e × k] · W_eᵀ, the
   // pointer arrays in the workspace (slot `which` of 3), the shapes on the host.
   void** const ptr_base = static_cast<void**>(at(l.ptrs));
@@ -373,7 +395,7 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
     std::vector<float> alpha, beta;
     int groups = 0;
     for (int e = 0; e < E; ++e) {
-      int const b = offsets[e], n = offsets[e + 1] - b;
+      int const b = start[e], n = len[e];
       if (n == 0) continue;
       hp[std::size_t(groups)] = w + std::size_t(e) * w_stride;                      // cuBLAS A: the weights
       hp[std::size_t(E + groups)] = in + std::size_t(b) * k;                       // cuBLAS B: the rows
@@ -395,14 +417,25 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
         "cublasGemmGroupedBatchedEx");
   };
   int active = 0;
-  for (int e = 0; e < E; ++e) active += offsets[e + 1] > offsets[e];
+  int kept_rows = 0;
+  for (int e = 0; e < E; ++e) active += len[e] > 0, kept_rows += len[e];
   bool const use_grouped = a.gemm_mode == moe_gemm_mode::grouped ||
-                           (a.gemm_mode == moe_gemm_mode::automatic && active > 0 && rows < 384 * active);
+                           (a.gemm_mode == moe_gemm_mode::automatic && active > 0 && kept_rows < 384 * active);
   // 4. Gather, expert GEMMs, activation, down projection (16-byte vectors when rows allow them).
   bool const vectorized = d % detail::moe_vec<T> == 0 && detail::aligned16(a.x) && detail::aligned16(a.out);
   mark(1);
   if (rows > 0) {
-    detail::moe_invert_kernel<<<(rows + 255) / 256, 256, 0, stream>>>(ent_s, rows, slot_of);
+    int const* d_seg = nullptr;
+    int const* d_kept = nullptr;
+    if (dropped > 0) {  // the segment starts and kept counts, after the grouped GEMMs' pointer arrays
+      std::vector<int> sk(start);
+      sk.insert(sk.end(), len.begin(), len.end());
+      int* dev = reinterpret_cast<int*>(ptr_base + 9 * std::size_t(E));
+      DRDIFF_CUDA_CHECK(cudaMemcpyAsync(dev, sk.data(), sk.size() * sizeof(int), cudaMemcpyHostToDevice, stream));
+      d_seg = dev;
+      d_kept = dev + E;
+    }
+    detail::moe_invert_kernel<<<(rows + 255) / 256, 256, 0, stream>>>(ent_s, keys_s, rows, d_seg, d_kept, slot_of);
     if (vectorized) detail::moe_gather_vec_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
     else detail::moe_gather_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
     DRDIFF_CUDA_CHECK(cudaGetLastError());
@@ -414,7 +447,7 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
       if (a.act == cuda_activation::swiglu) grouped(a.w_gate, std::size_t(f) * d, f, d, xs, g, 1);
     } else {
       for (int e = 0; e < E; ++e) {
-        int const b = offsets[e], n = offsets[e + 1] - b;
+        int const b = start[e], n = len[e];
         std::size_t const off = std::size_t(e) * f * d;
         detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_up + off, d, h + std::size_t(b) * f, f);
         if (a.act == cuda_activation::swiglu)
@@ -437,7 +470,7 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
       grouped(a.w_down, std::size_t(d) * f, d, f, h, y, 2);
     } else {
       for (int e = 0; e < E; ++e) {
-        int const b = offsets[e], n = offsets[e + 1] - b;
+        int const b = start[e], n = len[e];
         detail::gemm_abt(a.cublas, n, d, f, h + std::size_t(b) * f, f, a.w_down + std::size_t(e) * d * f, f,
                          y + std::size_t(b) * d, d);
       }
@@ -478,6 +511,7 @@ void moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> con
     timing->dispatch_bytes = double(rows) * (2.0 * d * sizeof(T) + sizeof(unsigned) + sizeof(int));
     timing->combine_bytes = double(rows) * d * sizeof(T) + double(T_) * d * sizeof(T);
   }
+  return dropped;
 }
 
 }  // namespace router
