@@ -139,6 +139,8 @@ TEST_CASE("the CUDA MoE equals the CPU MoE", "[router][moe][cuda]") {
   equal_fp32(top_k{2, true}, false, seed + 8, moe_gemm_mode::per_expert, 0, 0.6f);  // capacity: drops
   equal_fp32(top_k{1, true}, true, seed + 9, moe_gemm_mode::grouped, 1, 0.5f);      // drops, grouped, shared
   equal_fp32(top_k{2, true}, false, seed + 10, moe_gemm_mode::automatic, 0, 4.f);   // a loose limit: none
+  equal_fp32(expert_choice{2.f}, false, seed + 11);                                // c = 75 tokens per expert
+  equal_fp32(expert_choice{0.5f}, true, seed + 12, moe_gemm_mode::grouped, 1);     // some tokens get no expert
 }
 
 TEST_CASE("the CUDA MoE in bf16 equals the CPU MoE within 1e-2", "[router][moe][cuda]") {

@@ -250,19 +250,8 @@ void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, mo
   moe_apply(ctx, route(ctx, r, a, stats), a);
 }
 
-/// Expert choice (Zhou et al., arXiv 2202.09368): each expert takes the c = ⌈capacity·T/E⌉ tokens
-/// of highest router probability (ties: lower token index); a token gets 0..E experts, weighted by
-/// their probabilities. Batch-dependent by construction: a token's output depends on the other
-/// tokens of the call, so a diffusion sample's x̂0 is no longer a per-sample function (prefer token
-/// choice at inference).
-struct expert_choice {
-  float capacity = 2.f;
-  void validate(int) const {
-    DRDIFF_CHECK(std::isfinite(capacity) && capacity > 0.f, "expert_choice: capacity = ", capacity, " must be > 0");
-  }
-};
-
-/// The routing decision of expert choice, in the same form as route()'s.
+/// The routing decision of expert choice (router::expert_choice, routers.hpp), in the same form as
+/// route()'s.
 inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args const& a, moe_stats* stats = nullptr) {
   detail::check_moe(a);
   r.validate(a.experts);
@@ -279,7 +268,7 @@ inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args c
     router::detail::softmax(z, E, p);
     std::copy(p, p + E, z);
   }
-  int const c = std::min(T, int(std::ceil(double(r.capacity) * T / E)));
+  int const c = r.per_expert(T, E);
   routing rt;
   rt.width = E;
   rt.count.assign(T, 0);

@@ -7,8 +7,9 @@
 /// Element types float and __nv_bfloat16 (fp32 accumulation); the router functor runs in fp32.
 /// The expert row counts are copied to the host once per call (cuBLAS needs them as sizes). Shared
 /// experts run as dense FFNs over every token, added after the routed experts; an optional capacity
-/// factor drops each expert's selections past ⌈cf·T·k/E⌉ in token order, as on the CPU. Not yet on
-/// the GPU: expert choice (CPU only for now).
+/// factor drops each expert's selections past ⌈cf·T·k/E⌉ in token order, as on the CPU;
+/// router::expert_choice runs its own routing step (a segmented sort per expert) and then the same
+/// dispatch, experts and combine.
 
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/detail/blas.cuh>
@@ -17,6 +18,7 @@
 
 #include <cublas_v2.h>
 #include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -217,6 +219,84 @@ __global__ void moe_combine_vec_kernel(T const* y, int const* count, float const
 
 inline bool aligned16(void const* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+// ---- expert choice: each expert's top-c tokens, then the same per-token lists as token choice ----
+
+/// Softmax per token (fp32) in place in `prob` [T × E] and transposed into probT [E × T]; token ids.
+__global__ inline void moe_ec_softmax_kernel(float* prob, float const* bias, int tokens, int experts, float* probT,
+                                             int* ids, int* bad) {
+  int const t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  float z[max_experts], p[max_experts];
+  for (int e = 0; e < experts; ++e) {
+    z[e] = prob[std::size_t(t) * experts + e] + (bias ? bias[e] : 0.f);
+    if (!isfinite(z[e])) atomicExch(bad, 1);
+  }
+  detail::softmax(z, experts, p);
+  for (int e = 0; e < experts; ++e) {
+    prob[std::size_t(t) * experts + e] = p[e];
+    probT[std::size_t(e) * tokens + t] = p[e];
+    ids[std::size_t(e) * tokens + t] = t;
+  }
+}
+__global__ inline void moe_ec_segments_kernel(int* seg, int experts, int tokens) {
+  int const e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e <= experts) seg[e] = e * tokens;
+}
+/// chosen[t·E + e] = 1 for the first c tokens of each expert's descending order.
+__global__ inline void moe_ec_mark_kernel(int const* sorted_ids, int tokens, int experts, int c, unsigned char* chosen) {
+  std::size_t const i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x;
+  if (i >= std::size_t(experts) * c) return;
+  int const e = int(i / c), k = int(i % c);
+  chosen[std::size_t(sorted_ids[std::size_t(e) * tokens + k]) * experts + e] = 1;
+}
+/// Each token's experts in increasing index, weighted by their probabilities (the CPU's order).
+__global__ inline void moe_ec_lists_kernel(unsigned char const* chosen, float const* prob, int tokens, int experts,
+                                           int* count, int* expert, float* weight, unsigned* keys, unsigned* entries) {
+  int const t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  int n = 0;
+  for (int e = 0; e < experts; ++e)
+    if (chosen[std::size_t(t) * experts + e]) {
+      std::size_t const entry = std::size_t(t) * experts + n++;
+      expert[entry] = e;
+      weight[entry] = prob[std::size_t(t) * experts + e];
+    }
+  count[t] = n;
+  for (int j = 0; j < experts; ++j) {
+    std::size_t const entry = std::size_t(t) * experts + j;
+    keys[entry] = j < n ? unsigned(expert[entry]) : unsigned(experts);
+    entries[entry] = unsigned(entry);
+  }
+}
+
+/// The extra workspace of expert choice, appended after the common layout.
+struct moe_ec_layout {
+  std::size_t probT, probT_sorted, ids, ids_sorted, seg, chosen, temp, temp_bytes, total;
+};
+inline moe_ec_layout moe_ec_plan(int tokens, int experts) {
+  moe_ec_layout l{};
+  std::size_t const n = std::size_t(tokens) * experts;
+  DRDIFF_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+      nullptr, l.temp_bytes, static_cast<float const*>(nullptr), static_cast<float*>(nullptr),
+      static_cast<int const*>(nullptr), static_cast<int*>(nullptr), int(n), experts, static_cast<int const*>(nullptr),
+      static_cast<int const*>(nullptr)));
+  std::size_t off = 0;
+  auto take = [&](std::size_t bytes) {
+    std::size_t const at = off;
+    off += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  l.probT = take(n * sizeof(float));
+  l.probT_sorted = take(n * sizeof(float));
+  l.ids = take(n * sizeof(int));
+  l.ids_sorted = take(n * sizeof(int));
+  l.seg = take((std::size_t(experts) + 1) * sizeof(int));
+  l.chosen = take(n);
+  l.temp = take(l.temp_bytes);
+  l.total = off;
+  return l;
+}
+
 /// counts[e] = number of selections of expert e (integer atomics: the counts are exact).
 __global__ inline void moe_histogram_kernel(unsigned const* keys, std::size_t n, int experts, int* counts) {
   for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
@@ -288,8 +368,10 @@ std::size_t moe_workspace_bytes(Router const& r, cuda_moe_args<T> const& a) {
                                                     static_cast<unsigned*>(nullptr), static_cast<unsigned*>(nullptr),
                                                     static_cast<unsigned*>(nullptr), entries, 0,
                                                     detail::key_bits(a.experts)));
+  std::size_t extra = 0;
+  if constexpr (std::is_same_v<Router, expert_choice>) extra = detail::moe_ec_plan(a.tokens, a.experts).total;
   return detail::moe_plan<T>(a.tokens, a.d_model, a.d_ff, a.experts, width, sort_temp,
-                             a.act == cuda_activation::swiglu, a.shared_experts > 0).total;
+                             a.act == cuda_activation::swiglu, a.shared_experts > 0).total + extra;
 }
 
 /// The routed MoE FFN on ctx.stream; `workspace` holds moe_workspace_bytes(...) bytes. Returns the
@@ -325,8 +407,10 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
                                                     static_cast<unsigned*>(nullptr), entries, 0, detail::key_bits(E)));
   auto const l = detail::moe_plan<T>(T_, d, f, E, width, sort_temp, a.act == cuda_activation::swiglu,
                                      a.shared_experts > 0);
-  DRDIFF_CHECK(workspace && workspace_bytes >= l.total, "moe (cuda): workspace_bytes = ", workspace_bytes,
-               " is smaller than the ", l.total, " bytes moe_workspace_bytes() asks for");
+  std::size_t need = l.total;
+  if constexpr (std::is_same_v<Router, expert_choice>) need += detail::moe_ec_plan(T_, E).total;
+  DRDIFF_CHECK(workspace && workspace_bytes >= need, "moe (cuda): workspace_bytes = ", workspace_bytes,
+               " is smaller than the ", need, " bytes moe_workspace_bytes() asks for");
   auto* base = static_cast<unsigned char*>(workspace);
   base += (256 - reinterpret_cast<std::uintptr_t>(base) % 256) % 256;
   auto at = [&](std::size_t off) { return static_cast<void*>(base + off); };
@@ -355,8 +439,35 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
   // 1. Router logits (fp32) and routing.
   detail::gemm_abt(a.cublas, T_, E, d, a.x, d, a.w_router, d, logits, E);
   DRDIFF_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int) * (std::size_t(E) + 1), stream));
-  detail::moe_route_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(r, logits, a.b_router, T_, E, width, a.timestep,
-                                                                  count, expert, weight, keys, ent, bad);
+  if constexpr (std::is_same_v<Router, expert_choice>) {
+    // Each expert's tokens by descending probability (a stable segmented sort: ties keep the lower
+    // token first), its first c marked, then every token's list in increasing expert index.
+    auto const el = detail::moe_ec_plan(T_, E);
+    auto* eb = base + l.total - 256;  // the expert-choice region follows the common layout
+    auto ea = [&](std::size_t off) { return static_cast<void*>(eb + off); };
+    float* probT = static_cast<float*>(ea(el.probT));
+    float* probT_s = static_cast<float*>(ea(el.probT_sorted));
+    int* ids = static_cast<int*>(ea(el.ids));
+    int* ids_s = static_cast<int*>(ea(el.ids_sorted));
+    int* seg = static_cast<int*>(ea(el.seg));
+    auto* chosen = static_cast<unsigned char*>(ea(el.chosen));
+    int const c = r.per_expert(T_, E);
+    detail::moe_ec_softmax_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(logits, a.b_router, T_, E, probT, ids, bad);
+    detail::moe_ec_segments_kernel<<<(E + 1 + 255) / 256, 256, 0, stream>>>(seg, E, T_);
+    DRDIFF_CUDA_CHECK(cudaGetLastError());
+    std::size_t temp_bytes = el.temp_bytes;
+    DRDIFF_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+        ea(el.temp), temp_bytes, probT, probT_s, ids, ids_s, T_ * E, E, seg, seg + 1, 0, int(sizeof(float) * 8),
+        stream));
+    DRDIFF_CUDA_CHECK(cudaMemsetAsync(chosen, 0, std::size_t(T_) * E, stream));
+    std::size_t const marks = std::size_t(E) * c;
+    detail::moe_ec_mark_kernel<<<unsigned((marks + 255) / 256), 256, 0, stream>>>(ids_s, T_, E, c, chosen);
+    detail::moe_ec_lists_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(chosen, logits, T_, E, count, expert, weight,
+                                                                       keys, ent);
+  } else {
+    detail::moe_route_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(r, logits, a.b_router, T_, E, width, a.timestep,
+                                                                    count, expert, weight, keys, ent, bad);
+  }
   DRDIFF_CUDA_CHECK(cudaGetLastError());
   // 2. Stable sort of the entries by expert.
   void* temp = at(l.sort_temp);

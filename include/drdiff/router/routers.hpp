@@ -191,5 +191,24 @@ struct biased {
   }
 };
 
+/// Expert choice (Zhou et al., arXiv 2202.09368): each expert takes the c = ⌈capacity·T/E⌉ tokens
+/// of highest router probability (ties: lower token index); a token gets 0..E experts, weighted by
+/// their probabilities, combined in increasing expert index. Batch-dependent by construction: a
+/// token's output depends on the other tokens of the call, so a diffusion sample's x̂0 is no longer a
+/// per-sample function (prefer token choice at inference). Not a per-token functor: moe_forward has
+/// its own path for it on both backends.
+struct expert_choice {
+  float capacity = 2.f;
+  void validate(int) const {
+    DRDIFF_CHECK(std::isfinite(capacity) && capacity > 0.f, "expert_choice: capacity = ", capacity, " must be > 0");
+  }
+  /// Tokens per expert for a call of T tokens.
+  int per_expert(int tokens, int experts) const {
+    int const c = int(std::ceil(double(capacity) * tokens / experts));
+    return c < tokens ? c : tokens;
+  }
+  DRDIFF_HOST_DEVICE int max_selected(int e) const { return e; }
+};
+
 }  // namespace router
 DRDIFF_NAMESPACE_END
