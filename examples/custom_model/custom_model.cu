@@ -9,6 +9,8 @@
 #include <drdiff/cuda.cuh>
 #include <drdiff/cuda/model.cuh>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -49,12 +51,21 @@ int main(int argc, char** argv) {
     DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, elems * sizeof(float), cudaMemcpyDeviceToHost));
     cudaFree(dx);
     cudaFree(dy);
-    double diff = 0, mag = 0;
-    for (std::size_t i = 0; i < elems; ++i) {
-      diff = std::max(diff, double(std::abs(got[i] - want[i])));
-      mag = std::max(mag, double(std::abs(want[i])));
+    // bf16 arithmetic, and a token whose router probabilities sit at the threshold may pick another
+    // expert set: report the share of tokens within 3e-2 of the largest output, and the worst one.
+    double mag = 0;
+    for (float w : want) mag = std::max(mag, double(std::abs(w)));
+    int close = 0;
+    double worst = 0;
+    int const de = c.sizes.embed_dim;
+    for (int t = 0; t < n; ++t) {
+      double e = 0;
+      for (int k = 0; k < de; ++k) e = std::max(e, double(std::abs(got[std::size_t(t) * de + k] - want[std::size_t(t) * de + k])));
+      close += e <= 3e-2 * mag;
+      worst = std::max(worst, e / mag);
     }
-    std::printf("GPU forward vs CPU forward at N = %d: max difference %.2e of %.2e\n", n, diff, mag);
+    std::printf("GPU forward vs CPU forward at N = %d: %.1f %% of tokens within 3e-2 (worst %.2e, relative to the "
+                "largest output)\n", n, 100.0 * close / n, worst);
 
     generation_request r;
     r.length = length;
