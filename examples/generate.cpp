@@ -95,7 +95,9 @@ options parse(int argc, char** argv) {
 std::string printable(std::string const& s) {
   std::string o;
   for (unsigned char c : s) {
-    if (c == '\n' || (c >= 0x20 && c < 0x7f)) {
+    if (c == '\\') {
+      o += "\\\\";  // a backslash, doubled so that escapes stay unambiguous
+    } else if (c == '\n' || (c >= 0x20 && c < 0x7f)) {
       o += char(c);
     } else {
       char buf[8];
