@@ -66,12 +66,12 @@ void run(benchmark::State& state, R const& r) {
 void BM_moe_top1_cuda(benchmark::State& s) { run(s, top_k{1, true}); }
 void BM_moe_top2_cuda(benchmark::State& s) { run(s, top_k{2, true}); }
 void BM_moe_adaptive_cuda(benchmark::State& s) { run(s, adaptive<entropy_score>{1, 4}); }
-// Arguments: experts, and the GEMM mode: 0 automatic (the default), 1 one GEMM per expert, 2 grouped
-// (both forced modes at E = 64, where the automatic choice matters).
+// Arguments: experts, and the GEMM mode: 0 automatic (the default), 1 one GEMM per expert, 2 grouped,
+// 3 padded strided-batched (the forced modes at E = 64, where they differ most).
 void moe_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"E", "gemm"});
   for (int e : {8, 16, 64}) b->Args({e, 0});
-  b->Args({64, 1})->Args({64, 2});
+  for (int g : {1, 2, 3}) b->Args({64, g});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
 }
 BENCHMARK(BM_moe_top1_cuda)->Apply(moe_shapes);

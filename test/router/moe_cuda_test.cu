@@ -141,6 +141,8 @@ TEST_CASE("the CUDA MoE equals the CPU MoE", "[router][moe][cuda]") {
   equal_fp32(top_k{2, true}, false, seed + 10, moe_gemm_mode::automatic, 0, 4.f);   // a loose limit: none
   equal_fp32(expert_choice{2.f}, false, seed + 11);                                // c = 75 tokens per expert
   equal_fp32(expert_choice{0.5f}, true, seed + 12, moe_gemm_mode::grouped, 1);     // some tokens get no expert
+  equal_fp32(top_k{2, true}, false, seed + 13, moe_gemm_mode::padded_batched);      // one strided batched GEMM
+  equal_fp32(top_k{1, true}, true, seed + 14, moe_gemm_mode::padded_batched, 1, 0.7f);  // with drops and shared
 }
 
 TEST_CASE("the CUDA MoE in bf16 equals the CPU MoE within 1e-2", "[router][moe][cuda]") {

@@ -35,9 +35,12 @@ namespace router {
 enum class cuda_activation { gelu, swiglu };
 
 /// How the expert GEMMs are issued: one cuBLAS GEMM per expert, one grouped GEMM per projection
-/// (cublasGemmGroupedBatchedEx), or automatic: grouped when experts get fewer than 384 rows on average
-/// (H100, d_model 1024, FFN 4096: grouped is 1.5× faster at 256 rows per expert, 2× slower at 2K+).
-enum class moe_gemm_mode { automatic, per_expert, grouped };
+/// (cublasGemmGroupedBatchedEx), one strided batched GEMM over every expert's rows padded to the
+/// largest expert (padded_batched; used only when the padding fits the workspace's 25 % slack), or
+/// automatic: padded batched when it fits (balanced routing), else grouped below 384 rows per expert,
+/// else one GEMM per expert. On the H100 (d_model 1024, FFN 4096) padded batched reaches 61–95 % of
+/// the dense GEMM rate at E = 8..64, per-expert GEMMs 27–89 %, grouped 38–42 %.
+enum class moe_gemm_mode { automatic, per_expert, grouped, padded_batched };
 
 /// One MoE call on the GPU: device pointers, row-major, the same layouts as moe_args.
 template <class T>
@@ -103,11 +106,12 @@ __global__ void moe_route_kernel(Router r, float const* logits, float const* bia
 }
 
 template <class T>
-__global__ void moe_gather_kernel(T const* x, unsigned const* sorted_entries, int rows, int width, int d, T* xs) {
+__global__ void moe_gather_kernel(T const* x, unsigned const* sorted_entries, int const* row_pos, int rows, int width,
+                                  int d, T* xs) {
   int const r = blockIdx.x;
-  if (r >= rows) return;
+  if (r >= rows || row_pos[r] < 0) return;
   std::size_t const token = sorted_entries[r] / unsigned(width);
-  for (int k = threadIdx.x; k < d; k += blockDim.x) xs[std::size_t(r) * d + k] = x[token * d + k];
+  for (int k = threadIdx.x; k < d; k += blockDim.x) xs[std::size_t(row_pos[r]) * d + k] = x[token * d + k];
 }
 
 /// In place: h ← act(h) (GELU) or silu(g)·h (SwiGLU), computed in fp32, stored in T.
@@ -149,13 +153,14 @@ template <class T>
 inline constexpr int moe_vec = int(16 / sizeof(T));
 
 template <class T>
-__global__ void moe_gather_vec_kernel(T const* x, unsigned const* sorted_entries, int rows, int width, int d, T* xs) {
+__global__ void moe_gather_vec_kernel(T const* x, unsigned const* sorted_entries, int const* row_pos, int rows,
+                                      int width, int d, T* xs) {
   int const r = blockIdx.x;
-  if (r >= rows) return;
+  if (r >= rows || row_pos[r] < 0) return;
   std::size_t const token = sorted_entries[r] / unsigned(width);
   int const chunks = d / moe_vec<T>;
   uint4 const* src = reinterpret_cast<uint4 const*>(x + token * d);
-  uint4* dst = reinterpret_cast<uint4*>(xs + std::size_t(r) * d);
+  uint4* dst = reinterpret_cast<uint4*>(xs + std::size_t(row_pos[r]) * d);
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[c] = src[c];
 }
 
@@ -303,20 +308,24 @@ __global__ inline void moe_histogram_kernel(unsigned const* keys, std::size_t n,
     if (keys[i] < unsigned(experts)) atomicAdd(counts + keys[i], 1);
 }
 
-/// slot_of[entry] = its row in expert order, or −1 when the capacity limit drops it (the rows of
-/// expert e start at seg[e]; the first kept[e] of them are kept). seg/kept null: dropless.
+/// The row of each selection in the expert GEMMs' layout: sorted position r, or e·pitch + (r − seg[e])
+/// when every expert's rows are padded to `pitch` (pitch 0: not padded); −1 when the capacity limit
+/// drops it (expert e keeps its first kept[e] rows). slot_of is indexed by entry, row_pos by r.
 __global__ inline void moe_invert_kernel(unsigned const* sorted_entries, unsigned const* sorted_keys, int rows,
-                                         int const* seg, int const* kept, int* slot_of) {
+                                         int const* seg, int const* kept, int pitch, int* slot_of, int* row_pos) {
   int const r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= rows) return;
-  int const e = int(sorted_keys[r]);
-  slot_of[sorted_entries[r]] = (seg && r - seg[e] >= kept[e]) ? -1 : r;
+  int const e = int(sorted_keys[r]), i = r - seg[e];
+  int const pos = i >= kept[e] ? -1 : (pitch ? e * pitch + i : r);
+  slot_of[sorted_entries[r]] = pos;
+  row_pos[r] = pos;
 }
 
 /// Workspace layout of one call.
 struct moe_layout {
-  std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, bad, xs, h, g, y,
-      ptrs, shared, sort_temp, total;
+  std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, row_pos, bad, xs, h,
+      g, y, ptrs, shared, sort_temp, total;
+  std::size_t capacity_rows;  ///< rows the expert buffers hold: the entries plus 25 % for padding
 };
 template <class T>
 moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_t sort_temp, bool swiglu,
@@ -339,11 +348,14 @@ moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_
   l.entries_sorted = take(entries * sizeof(unsigned));
   l.slot_of = take(entries * sizeof(int));
   l.bad = take(sizeof(int) * (std::size_t(experts) + 1));  // [non-finite flag, counts per expert]
-  l.xs = take(entries * d * sizeof(T));
+  l.row_pos = take(entries * sizeof(int));
+  l.capacity_rows = entries + entries / 4 + std::size_t(experts);
+  std::size_t const cr = l.capacity_rows;
+  l.xs = take(cr * d * sizeof(T));
   // Expert intermediates in T (bf16 halves their traffic; fp32 accumulation inside the GEMMs).
-  l.h = take(entries * f * sizeof(T));
-  l.g = take(swiglu ? entries * f * sizeof(T) : 0);
-  l.y = take(entries * d * sizeof(T));
+  l.h = take(cr * f * sizeof(T));
+  l.g = take(swiglu ? cr * f * sizeof(T) : 0);
+  l.y = take(cr * d * sizeof(T));
   l.ptrs = take(9 * std::size_t(experts) * sizeof(void*) + 2 * std::size_t(experts) * sizeof(int));  // grouped GEMMs: A, B, C pointers × 3 projections
   l.shared = take(shared ? std::size_t(tokens) * d * sizeof(T) : 0);  // Σ of the shared experts' outputs
   l.sort_temp = take(sort_temp);
@@ -423,6 +435,7 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
   unsigned* keys_s = static_cast<unsigned*>(at(l.keys_sorted));
   unsigned* ent_s = static_cast<unsigned*>(at(l.entries_sorted));
   int* slot_of = static_cast<int*>(at(l.slot_of));
+  int* row_pos = static_cast<int*>(at(l.row_pos));
   int* bad = static_cast<int*>(at(l.bad));
   T* xs = static_cast<T*>(at(l.xs));
   T* h = static_cast<T*>(at(l.h));
@@ -530,30 +543,49 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
   int active = 0;
   int kept_rows = 0;
   for (int e = 0; e < E; ++e) active += len[e] > 0, kept_rows += len[e];
-  bool const use_grouped = a.gemm_mode == moe_gemm_mode::grouped ||
-                           (a.gemm_mode == moe_gemm_mode::automatic && active > 0 && kept_rows < 384 * active);
+  int pitch_rows = 0;
+  for (int e = 0; e < E; ++e) pitch_rows = std::max(pitch_rows, len[e]);
+  pitch_rows = (pitch_rows + 7) / 8 * 8;
+  bool const fits_padded = std::size_t(E) * pitch_rows <= l.capacity_rows;
+  moe_gemm_mode mode = a.gemm_mode;
+  if (mode == moe_gemm_mode::padded_batched && !fits_padded) mode = moe_gemm_mode::per_expert;
+  if (mode == moe_gemm_mode::automatic)  // measured on the H100 (docs/benchmarks.md): padded batched wins at
+    mode = fits_padded ? moe_gemm_mode::padded_batched  // E = 8..64; grouped helps only below ~384 rows
+           : active > 0 && kept_rows < 384 * active ? moe_gemm_mode::grouped
+                                                    : moe_gemm_mode::per_expert;
+  bool const use_grouped = mode == moe_gemm_mode::grouped;
+  int const pitch = mode == moe_gemm_mode::padded_batched ? pitch_rows : 0;
+  std::size_t const gemm_rows = pitch ? std::size_t(E) * pitch : std::size_t(rows);
+  auto batched = [&](T const* w, std::size_t w_stride, int n_out, int k, T const* in, T* out) {
+    float const one = 1.f, zero = 0.f;
+    detail::cublas_check(
+        cublasGemmStridedBatchedEx(a.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, pitch, k, &one, w, detail::cuda_type<T>(),
+                                   k, (long long)w_stride, in, detail::cuda_type<T>(), k, (long long)pitch * k, &zero,
+                                   out, detail::cuda_type<T>(), n_out, (long long)pitch * n_out, E, CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT),
+        "cublasGemmStridedBatchedEx");
+  };
   // 4. Gather, expert GEMMs, activation, down projection (16-byte vectors when rows allow them).
   bool const vectorized = d % detail::moe_vec<T> == 0 && detail::aligned16(a.x) && detail::aligned16(a.out);
   mark(1);
   if (rows > 0) {
-    int const* d_seg = nullptr;
-    int const* d_kept = nullptr;
-    if (dropped > 0) {  // the segment starts and kept counts, after the grouped GEMMs' pointer arrays
-      std::vector<int> sk(start);
-      sk.insert(sk.end(), len.begin(), len.end());
-      int* dev = reinterpret_cast<int*>(ptr_base + 9 * std::size_t(E));
-      DRDIFF_CUDA_CHECK(cudaMemcpyAsync(dev, sk.data(), sk.size() * sizeof(int), cudaMemcpyHostToDevice, stream));
-      d_seg = dev;
-      d_kept = dev + E;
-    }
-    detail::moe_invert_kernel<<<(rows + 255) / 256, 256, 0, stream>>>(ent_s, keys_s, rows, d_seg, d_kept, slot_of);
-    if (vectorized) detail::moe_gather_vec_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
-    else detail::moe_gather_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, rows, width, d, xs);
+    // The segment starts and kept counts (after the grouped GEMMs' pointer arrays).
+    std::vector<int> sk(start);
+    sk.insert(sk.end(), len.begin(), len.end());
+    int* d_seg = reinterpret_cast<int*>(ptr_base + 9 * std::size_t(E));
+    DRDIFF_CUDA_CHECK(cudaMemcpyAsync(d_seg, sk.data(), sk.size() * sizeof(int), cudaMemcpyHostToDevice, stream));
+    detail::moe_invert_kernel<<<(rows + 255) / 256, 256, 0, stream>>>(ent_s, keys_s, rows, d_seg, d_seg + E, pitch,
+                                                                       slot_of, row_pos);
+    if (vectorized) detail::moe_gather_vec_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, row_pos, rows, width, d, xs);
+    else detail::moe_gather_kernel<<<rows, 128, 0, stream>>>(a.x, ent_s, row_pos, rows, width, d, xs);
     DRDIFF_CUDA_CHECK(cudaGetLastError());
   }
   mark(2);
   if (rows > 0) {
-    if (use_grouped) {
+    if (pitch) {
+      batched(a.w_up, std::size_t(f) * d, f, d, xs, h);
+      if (a.act == cuda_activation::swiglu) batched(a.w_gate, std::size_t(f) * d, f, d, xs, g);
+    } else if (use_grouped) {
       grouped(a.w_up, std::size_t(f) * d, f, d, xs, h, 0);
       if (a.act == cuda_activation::swiglu) grouped(a.w_gate, std::size_t(f) * d, f, d, xs, g, 1);
     } else {
@@ -565,7 +597,7 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
           detail::gemm_abt(a.cublas, n, f, d, xs + std::size_t(b) * d, d, a.w_gate + off, d, g + std::size_t(b) * f, f);
       }
     }
-    std::size_t const hn = std::size_t(rows) * f;
+    std::size_t const hn = gemm_rows * f;  // padded rows are activated too (never combined)
     mark(5);
     if (f % detail::moe_vec<T> == 0) {  // h and g rows start at multiples of f elements of 256-aligned buffers
       std::size_t const chunks = hn / detail::moe_vec<T>;
@@ -577,7 +609,9 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
     }
     DRDIFF_CUDA_CHECK(cudaGetLastError());
     mark(6);
-    if (use_grouped) {
+    if (pitch) {
+      batched(a.w_down, std::size_t(d) * f, d, f, h, y);
+    } else if (use_grouped) {
       grouped(a.w_down, std::size_t(d) * f, d, f, h, y, 2);
     } else {
       for (int e = 0; e < E; ++e) {
