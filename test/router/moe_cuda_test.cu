@@ -23,6 +23,7 @@ struct comparison {
   std::vector<double> token_error;
   bool same_counts = false;
   int dropped_cpu = 0, dropped_gpu = 0;
+  moe_stats cpu_stats, gpu_stats;
   double worst() const { return *std::max_element(token_error.begin(), token_error.end()); }
   double within(double tol) const {
     return double(std::count_if(token_error.begin(), token_error.end(), [&](double e) { return e <= tol; })) /
@@ -93,7 +94,8 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   DRDIFF_CUDA_CHECK(cudaMalloc(&ws, bytes));
   owned.push_back(ws);
   std::vector<int> per_expert;
-  int const dropped = moe_forward(context<drdiff::cuda>{}, r, g, ws, bytes, &per_expert);  // ::cuda is libcu++'s
+  moe_stats gs;
+  int const dropped = moe_forward(context<drdiff::cuda>{}, r, g, ws, bytes, &per_expert, nullptr, &gs);  // ::cuda: libcu++
   std::vector<T> out_gpu(std::size_t(T_) * d);
   DRDIFF_CUDA_CHECK(cudaMemcpy(out_gpu.data(), dout, out_gpu.size() * sizeof(T), cudaMemcpyDeviceToHost));
   double mag = 0;
@@ -107,6 +109,8 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   c.same_counts = per_expert == st.tokens_per_expert;
   c.dropped_cpu = st.dropped;
   c.dropped_gpu = dropped;
+  c.cpu_stats = st;
+  c.gpu_stats = gs;
   cublasDestroy(handle);
   for (void* p : owned) cudaFree(p);
   return c;
@@ -117,6 +121,12 @@ void equal_fp32(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe
                 int shared = 0, float capacity = 0.f) {
   auto const c = compare<float>(r, swiglu, seed, mode, shared, capacity);
   REQUIRE(c.dropped_gpu == c.dropped_cpu);
+  // The statistics: the same formulas on both backends.
+  REQUIRE(c.gpu_stats.tokens_per_expert == c.cpu_stats.tokens_per_expert);
+  REQUIRE(c.gpu_stats.dropped == c.cpu_stats.dropped);
+  REQUIRE(c.gpu_stats.mean_active == Approx(c.cpu_stats.mean_active).epsilon(1e-12));
+  REQUIRE(c.gpu_stats.balance_loss == Approx(c.cpu_stats.balance_loss).epsilon(1e-5));
+  REQUIRE(c.gpu_stats.z_loss == Approx(c.cpu_stats.z_loss).epsilon(1e-5));
   if (capacity > 0.f && capacity < 0.9f) REQUIRE(c.dropped_gpu > 0);
   INFO("relative difference " << c.worst());
   REQUIRE(c.worst() <= 1e-5);

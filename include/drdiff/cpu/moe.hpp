@@ -43,15 +43,6 @@ struct moe_args {
   float const* maybe_token_scores = nullptr;  ///< [tokens], passed as token_info::score
 };
 
-/// Per-call statistics for monitoring.
-struct moe_stats {
-  std::vector<int> tokens_per_expert;  ///< selections per expert
-  double mean_active = 0;              ///< mean experts per token
-  double balance_loss = 0;             ///< Switch: E · Σ_i f_i P_i (f: share of tokens whose argmax is i; P: mean prob)
-  double z_loss = 0;                   ///< mean over tokens of (log Σ_e exp s_e)²
-  int dropped = 0;                     ///< selections dropped by the capacity limit
-};
-
 /// The routing decision of a batch: up to `width` (expert, weight) pairs per token.
 struct routing {
   int width = 0;

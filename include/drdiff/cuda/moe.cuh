@@ -82,10 +82,11 @@ using drdiff::detail::cublas_check;
 using drdiff::detail::cuda_type;
 using drdiff::detail::gemm_abt;
 
+/// stat (optional, 2E + 2 doubles): Σ_t p_t[e], argmax counts, Σ lse², Σ selections.
 template <class Router>
 __global__ void moe_route_kernel(Router r, float const* logits, float const* bias, int tokens, int experts, int width,
                                  float timestep, int* count, int* expert, float* weight, unsigned* keys,
-                                 unsigned* entries, int* bad) {
+                                 unsigned* entries, int* bad, double* stat) {
   int const t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
   float z[max_experts];
@@ -98,6 +99,18 @@ __global__ void moe_route_kernel(Router r, float const* logits, float const* bia
   info.timestep = timestep;
   int const n = r(z, experts, info, expert + std::size_t(t) * width, weight + std::size_t(t) * width);
   count[t] = n;
+  if (stat) {  // the statistics, as the CPU computes them (atomics: only when asked for)
+    float p[max_experts];
+    float const lse = detail::softmax(z, experts, p);
+    int best = 0;
+    for (int e = 0; e < experts; ++e) {
+      atomicAdd(stat + e, double(p[e]));
+      best = p[e] > p[best] ? e : best;
+    }
+    atomicAdd(stat + experts + best, 1.0);
+    atomicAdd(stat + 2 * experts, double(lse) * double(lse));
+    atomicAdd(stat + 2 * experts + 1, double(n));
+  }
   for (int j = 0; j < width; ++j) {
     std::size_t const entry = std::size_t(t) * width + j;
     keys[entry] = j < n ? unsigned(expert[entry]) : unsigned(experts);  // unused slots sort last
@@ -324,7 +337,7 @@ __global__ inline void moe_invert_kernel(unsigned const* sorted_entries, unsigne
 /// Workspace layout of one call.
 struct moe_layout {
   std::size_t logits, count, expert, weight, keys, entries, keys_sorted, entries_sorted, slot_of, row_pos, bad, xs, h,
-      g, y, ptrs, shared, sort_temp, total;
+      g, y, ptrs, shared, stat, sort_temp, total;
   std::size_t capacity_rows;  ///< rows the expert buffers hold: the entries plus 25 % for padding
 };
 template <class T>
@@ -358,6 +371,7 @@ moe_layout moe_plan(int tokens, int d, int f, int experts, int width, std::size_
   l.y = take(cr * d * sizeof(T));
   l.ptrs = take(9 * std::size_t(experts) * sizeof(void*) + 2 * std::size_t(experts) * sizeof(int));  // grouped GEMMs: A, B, C pointers × 3 projections
   l.shared = take(shared ? std::size_t(tokens) * d * sizeof(T) : 0);  // Σ of the shared experts' outputs
+  l.stat = take((2 * std::size_t(experts) + 2) * sizeof(double));      // statistics sums
   l.sort_temp = take(sort_temp);
   l.total = off + 256;
   return l;
@@ -392,7 +406,7 @@ std::size_t moe_workspace_bytes(Router const& r, cuda_moe_args<T> const& a) {
 template <class T, class Router>
 int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> const& a, void* workspace,
                  std::size_t workspace_bytes, std::vector<int>* tokens_per_expert = nullptr,
-                 cuda_moe_timing* timing = nullptr) {
+                 cuda_moe_timing* timing = nullptr, moe_stats* stats = nullptr) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>,
                 "drdiff::router::moe_forward (cuda): element type float or __nv_bfloat16.");
   DRDIFF_CHECK(a.experts > 0 && a.experts <= max_experts, "moe: experts E = ", a.experts, " must be in 1..", max_experts);
@@ -478,8 +492,13 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
     detail::moe_ec_lists_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(chosen, logits, T_, E, count, expert, weight,
                                                                        keys, ent);
   } else {
+    double* stat = nullptr;
+    if (stats) {
+      stat = static_cast<double*>(at(l.stat));
+      DRDIFF_CUDA_CHECK(cudaMemsetAsync(stat, 0, (2 * std::size_t(E) + 2) * sizeof(double), stream));
+    }
     detail::moe_route_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(r, logits, a.b_router, T_, E, width, a.timestep,
-                                                                    count, expert, weight, keys, ent, bad);
+                                                                    count, expert, weight, keys, ent, bad, stat);
   }
   DRDIFF_CUDA_CHECK(cudaGetLastError());
   // 2. Stable sort of the entries by expert.
@@ -493,6 +512,11 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
   DRDIFF_CUDA_CHECK(cudaGetLastError());
   std::vector<int> flags(E + 1);
   DRDIFF_CUDA_CHECK(cudaMemcpyAsync(flags.data(), bad, flags.size() * sizeof(int), cudaMemcpyDeviceToHost, stream));
+  std::vector<double> sums(2 * std::size_t(E) + 2, 0.0);
+  bool const token_stats = stats && !std::is_same_v<Router, expert_choice>;
+  if (token_stats)
+    DRDIFF_CUDA_CHECK(cudaMemcpyAsync(sums.data(), at(l.stat), sums.size() * sizeof(double), cudaMemcpyDeviceToHost,
+                                      stream));
   DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
   DRDIFF_CHECK(flags[0] == 0, "moe (cuda): a router logit is not finite");
   // Rows of expert e: sorted positions start[e] .. start[e] + len[e] (len < count when the capacity
@@ -509,6 +533,23 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
     rows += flags[e + 1];
   }
   if (tokens_per_expert) tokens_per_expert->assign(len.begin(), len.end());
+  if (stats) {  // the same formulas as the CPU layer (expert choice: every expert takes c tokens)
+    stats->tokens_per_expert.assign(len.begin(), len.end());
+    stats->dropped = dropped;
+    if (token_stats) {
+      double loss = 0;
+      for (int e = 0; e < E; ++e) loss += (sums[std::size_t(E + e)] / T_) * (sums[std::size_t(e)] / T_);
+      stats->balance_loss = E * loss;
+      stats->z_loss = sums[2 * std::size_t(E)] / T_;
+      stats->mean_active = sums[2 * std::size_t(E) + 1] / T_;
+    } else {
+      double kept = 0;
+      for (int v : len) kept += v;
+      stats->mean_active = kept / T_;
+      stats->balance_loss = 1.0;
+      stats->z_loss = 0.0;
+    }
+  }
   // One grouped GEMM over the experts with rows: out[rows_e × n_out] = in[rows_e × k] · W_eᵀ, the
   // pointer arrays in the workspace (slot `which` of 3), the shapes on the host.
   void** const ptr_base = static_cast<void**>(at(l.ptrs));

@@ -15,6 +15,7 @@
 #include <drdiff/core/error.hpp>
 
 #include <cmath>
+#include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
 namespace router {
@@ -208,6 +209,15 @@ struct expert_choice {
     return c < tokens ? c : tokens;
   }
   DRDIFF_HOST_DEVICE int max_selected(int e) const { return e; }
+};
+
+/// Per-call statistics of an MoE layer, for monitoring (both backends).
+struct moe_stats {
+  std::vector<int> tokens_per_expert;  ///< selections per expert (kept ones, with a capacity limit)
+  double mean_active = 0;              ///< mean experts per token
+  double balance_loss = 0;             ///< Switch: E · Σ_i f_i P_i (f: share of tokens whose argmax is i; P: mean prob)
+  double z_loss = 0;                   ///< mean over tokens of (log Σ_e exp s_e)²
+  int dropped = 0;                     ///< selections dropped by the capacity limit
 };
 
 }  // namespace router
