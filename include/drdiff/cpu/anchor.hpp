@@ -8,6 +8,7 @@
 #include <drdiff/anchor/guidance.hpp>
 #include <drdiff/anchor/projectors.hpp>
 #include <drdiff/core/backend.hpp>
+#include <drdiff/cpu/detail/linear.hpp>
 #include <drdiff/cpu/detail/parallel.hpp>
 
 #include <Eigen/Core>
@@ -197,17 +198,7 @@ void project(context<cpu> const& ctx, linear<T> const& p, token_shape const& sha
   detail::check_real<T>("linear");
   p.validate(shape);
   detail::check_distinct(x, out, "linear");
-  int const d = shape.dim;
-  std::int64_t const tokens = shape.tokens(), chunk = 256;
-  Eigen::Map<detail::row_matrix<T> const> W(p.weight, d, d);
-  drdiff::detail::parallel_for(drdiff::detail::resolve_threads(ctx.num_threads), (tokens + chunk - 1) / chunk,
-                               [&](std::int64_t c, int) {
-    std::int64_t const t0 = c * chunk, rows = std::min(chunk, tokens - t0);
-    Eigen::Map<detail::row_matrix<T> const> X(x + t0 * d, rows, d);
-    Eigen::Map<detail::row_matrix<T>> O(out + t0 * d, rows, d);
-    O.noalias() = X * W.transpose();
-    if (p.maybe_bias) O.rowwise() += Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic> const>(p.maybe_bias, d);
-  });
+  drdiff::detail::linear_rows(ctx, x, shape.tokens(), shape.dim, p.weight, shape.dim, p.maybe_bias, out, false);
 }
 
 /// A projector bound to its context, shape and scratch: callable as project(x, out).

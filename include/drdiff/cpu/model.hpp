@@ -10,6 +10,7 @@
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/cpu/anchor.hpp>
 #include <drdiff/cpu/attention.hpp>
+#include <drdiff/cpu/detail/linear.hpp>
 #include <drdiff/cpu/detail/parallel.hpp>
 #include <drdiff/cpu/moe.hpp>
 #include <drdiff/cpu/solver.hpp>
@@ -31,23 +32,6 @@
 
 DRDIFF_NAMESPACE_BEGIN
 namespace detail {
-
-using model_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-/// Y[rows × out] (+)= X[rows × in] · Wᵀ (+ b): Eigen GEMMs over 128-row chunks on the workers.
-inline void linear_rows(context<cpu> const& ctx, float const* x, std::int64_t rows, int in, float const* w, int out,
-                        float const* maybe_bias, float* y, bool accumulate) {
-  std::int64_t const chunk = 128;
-  Eigen::Map<model_matrix const> W(w, out, in);
-  parallel_for(resolve_threads(ctx.num_threads), (rows + chunk - 1) / chunk, [&](std::int64_t c, int) {
-    std::int64_t const r0 = c * chunk, n = std::min(chunk, rows - r0);
-    Eigen::Map<model_matrix const> X(x + r0 * in, n, in);
-    Eigen::Map<model_matrix> Y(y + r0 * out, n, out);
-    if (accumulate) Y.noalias() += X * W.transpose();
-    else Y.noalias() = X * W.transpose();
-    if (maybe_bias) Y.rowwise() += Eigen::Map<Eigen::RowVectorXf const>(maybe_bias, out);
-  });
-}
 
 /// LayerNorm over the last dimension (statistics in double).
 inline void layer_norm_rows(context<cpu> const& ctx, float const* x, std::int64_t rows, int d, float const* g,

@@ -101,19 +101,12 @@ void dpmpp_sample(context<cpu> const& ctx, schedule_ops<S> const& ops, dpmpp_con
                    " is not finite (step ", step, ")");
   };
   check_finite(x, "the state x", 0);
-  T* m[3] = {workspace, workspace + n, workspace + 2 * n};
-  for (std::size_t s = 0; s < plan.size(); ++s) {
-    // The newest prediction goes to m[0]; the older ones move down (pointer rotation, no copies).
-    T* const fresh = m[2];
-    m[2] = m[1];
-    m[1] = m[0];
-    m[0] = fresh;
-    model(static_cast<T const*>(x), grid[s], m[0]);
-    call_x0_hook(correct_x0, m[0], grid[s], int(s));
-    check_finite(m[0], "the data prediction", int(s));
-    update(ctx, plan[s], x, m[0], m[1], m[2], n, noise, int(s));
-    correct_xt(x, grid[s + 1], int(s));
-  }
+  T* const m[3] = {workspace, workspace + n, workspace + 2 * n};
+  multistep_loop(plan, grid, model, x, m, correct_x0, correct_xt,
+                 [&](T const* x0, int s) { check_finite(x0, "the data prediction", s); },
+                 [&](step_coefficients const& k, T* xs, T const* m0, T const* m1, T const* m2, int s) {
+                   update(ctx, k, xs, m0, m1, m2, n, noise, s);
+                 });
 }
 
 }  // namespace solver

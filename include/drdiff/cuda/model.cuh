@@ -51,13 +51,6 @@ __global__ void model_add_rows(float* __restrict__ h, float const* __restrict__ 
 __global__ void model_add_bf16(float* __restrict__ h, bf16 const* __restrict__ y, std::size_t n) {
   DRDIFF_GRID_STRIDE(i, n) h[i] += __bfloat162float(y[i]);
 }
-__global__ void model_gelu(bf16* __restrict__ u, std::size_t n) {
-  DRDIFF_GRID_STRIDE(i, n) {
-    float const v = __bfloat162float(u[i]);
-    u[i] = __float2bfloat16(0.5f * v * (1.f + erff(v * 0.70710678118654752f)));
-  }
-}
-
 /// LayerNorm of fp32 rows into bf16, one block of 128 threads per row (statistics in fp32, two passes).
 __global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict__ x, int d, float const* __restrict__ g,
                                                        float const* __restrict__ b, float eps, bf16* __restrict__ y) {
@@ -215,7 +208,7 @@ class model<cuda, Config> {
       ev.begin();
       if (s.experts == 1 && s.shared_experts == 0 && cfg_.activation == ffn_activation::gelu) {  // a dense FFN
         detail::gemm_bf16(blas_, int(T), s.d_ff, dm, ln_, m(pre + "moe.experts.up"), ffh_, 0.f);
-        detail::model_gelu<<<detail::model_grid(std::size_t(T) * s.d_ff), 256, 0, st>>>(ffh_, std::size_t(T) * s.d_ff);
+        router::detail::moe_activate(ffh_, static_cast<bf16 const*>(nullptr), std::size_t(T) * s.d_ff, false, st);
         detail::gemm_bf16(blas_, int(T), dm, s.d_ff, ffh_, m(pre + "moe.experts.down"), h_, 1.f);
       } else {
         auto a = moe_args(pre, T, t);

@@ -127,20 +127,16 @@ __global__ void moe_gather_kernel(T const* x, unsigned const* sorted_entries, in
   for (int k = threadIdx.x; k < d; k += blockDim.x) xs[std::size_t(row_pos[r]) * d + k] = x[token * d + k];
 }
 
+/// The expert activation in fp32: GELU (erf) of u, or silu(g)·u for SwiGLU.
+__device__ __forceinline__ float moe_act(float u, float g, int swiglu) {
+  return swiglu ? u * g / (1.f + expf(-g)) : 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+}
+
 /// In place: h ← act(h) (GELU) or silu(g)·h (SwiGLU), computed in fp32, stored in T.
 template <class T>
 __global__ void moe_activation_kernel(T* h, T const* g, std::size_t n, int swiglu) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
-    float const u = float(h[i]);
-    float v;
-    if (swiglu) {
-      float const gv = float(g[i]);
-      v = u * gv / (1.f + expf(-gv));
-    } else {
-      v = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
-    }
-    h[i] = T(v);
-  }
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+    h[i] = T(moe_act(float(h[i]), swiglu ? float(g[i]) : 0.f, swiglu));
 }
 
 template <class T>
@@ -187,17 +183,7 @@ __global__ void moe_activation_vec_kernel(T* h, T const* g, std::size_t chunks, 
     T* he = reinterpret_cast<T*>(&hv);
     T const* ge = reinterpret_cast<T const*>(&gv);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      float const u = float(he[k]);
-      float v;
-      if (swiglu) {
-        float const gk = float(ge[k]);
-        v = u * gk / (1.f + expf(-gk));
-      } else {
-        v = 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
-      }
-      he[k] = T(v);
-    }
+    for (int k = 0; k < V; ++k) he[k] = T(moe_act(float(he[k]), swiglu ? float(ge[k]) : 0.f, swiglu));
     reinterpret_cast<uint4*>(h)[c] = hv;
   }
 }
@@ -236,6 +222,21 @@ __global__ void moe_combine_vec_kernel(T const* y, int const* count, float const
 }
 
 inline bool aligned16(void const* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+/// h ← act(h) (or silu(g)·h) over n values in place: 16-byte vectors when n and the pointers allow.
+template <class T>
+void moe_activate(T* h, T const* g, std::size_t n, bool swiglu, cudaStream_t stream) {
+  if (n == 0) return;
+  if (n % moe_vec<T> == 0 && aligned16(h) && (!swiglu || aligned16(g))) {
+    std::size_t const chunks = n / moe_vec<T>;
+    moe_activation_vec_kernel<<<unsigned(std::min<std::size_t>((chunks + 255) / 256, 132 * 16)), 256, 0, stream>>>(
+        h, g, chunks, swiglu ? 1 : 0);
+  } else {
+    moe_activation_kernel<<<unsigned(std::min<std::size_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(h, g, n,
+                                                                                                     swiglu ? 1 : 0);
+  }
+  DRDIFF_CUDA_CHECK(cudaGetLastError());
+}
 
 // ---- expert choice: each expert's top-c tokens, then the same per-token lists as token choice ----
 
@@ -640,15 +641,7 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
     }
     std::size_t const hn = gemm_rows * f;  // padded rows are activated too (never combined)
     mark(5);
-    if (f % detail::moe_vec<T> == 0) {  // h and g rows start at multiples of f elements of 256-aligned buffers
-      std::size_t const chunks = hn / detail::moe_vec<T>;
-      detail::moe_activation_vec_kernel<<<unsigned(std::min<std::size_t>((chunks + 255) / 256, 132 * 16)), 256, 0,
-                                          stream>>>(h, g, chunks, a.act == cuda_activation::swiglu ? 1 : 0);
-    } else {
-      detail::moe_activation_kernel<<<unsigned(std::min<std::size_t>((hn + 255) / 256, 4096)), 256, 0, stream>>>(
-          h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0);
-    }
-    DRDIFF_CUDA_CHECK(cudaGetLastError());
+    detail::moe_activate(h, g, hn, a.act == cuda_activation::swiglu, stream);
     mark(6);
     if (pitch) {
       batched(a.w_down, std::size_t(d) * f, d, f, h, y);
@@ -671,9 +664,7 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
       std::size_t const off = std::size_t(s2) * f * d;
       detail::gemm_abt(a.cublas, T_, f, d, a.x, d, a.w_shared_up + off, d, h, f);
       if (a.act == cuda_activation::swiglu) detail::gemm_abt(a.cublas, T_, f, d, a.x, d, a.w_shared_gate + off, d, g, f);
-      detail::moe_activation_kernel<<<unsigned(std::min<std::size_t>((hn + 255) / 256, 4096)), 256, 0, stream>>>(
-          h, g, hn, a.act == cuda_activation::swiglu ? 1 : 0);
-      DRDIFF_CUDA_CHECK(cudaGetLastError());
+      detail::moe_activate(h, g, hn, a.act == cuda_activation::swiglu, stream);
       detail::gemm_abt(a.cublas, T_, d, f, h, f, a.w_shared_down + std::size_t(s2) * d * f, f, shared, d,
                        s2 == 0 ? 0.f : 1.f);
     }

@@ -104,21 +104,16 @@ void dpmpp_sample(context<cuda> const& ctx, schedule_ops<S> const& ops, dpmpp_co
   int const none = 0x7fffffff;
   DRDIFF_CUDA_CHECK(cudaMemcpyAsync(flag, &none, sizeof(int), cudaMemcpyHostToDevice, stream));
   unsigned const blocks = unsigned(std::min<std::size_t>((n + 255) / 256, 132 * 16));
-  T* m[3] = {workspace, workspace + n, workspace + 2 * n};
-  for (std::size_t s = 0; s < plan.size(); ++s) {
-    T* const fresh = m[2];
-    m[2] = m[1];
-    m[1] = m[0];
-    m[0] = fresh;
-    model(static_cast<T const*>(x), grid[s], m[0]);
-    call_x0_hook(correct_x0, m[0], grid[s], int(s));
-    if (n) {
-      detail::solver_finite_kernel<T><<<blocks, 256, 0, stream>>>(m[0], n, int(s), flag);
-      DRDIFF_CUDA_CHECK(cudaGetLastError());
-    }
-    update(ctx, plan[s], x, m[0], m[1], m[2], n, noise, int(s));
-    correct_xt(x, grid[s + 1], int(s));
-  }
+  T* const m[3] = {workspace, workspace + n, workspace + 2 * n};
+  multistep_loop(plan, grid, model, x, m, correct_x0, correct_xt,
+                 [&](T const* x0, int s) {  // flagged on the device, reported after the loop
+                   if (n == 0) return;
+                   detail::solver_finite_kernel<T><<<blocks, 256, 0, stream>>>(x0, n, s, flag);
+                   DRDIFF_CUDA_CHECK(cudaGetLastError());
+                 },
+                 [&](step_coefficients const& k, T* xs, T const* m0, T const* m1, T const* m2, int s) {
+                   update(ctx, k, xs, m0, m1, m2, n, noise, s);
+                 });
   int first_bad = none;
   DRDIFF_CUDA_CHECK(cudaMemcpyAsync(&first_bad, flag, sizeof(int), cudaMemcpyDeviceToHost, stream));
   DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
