@@ -22,7 +22,7 @@ nvidia-smi -q > "$out/nvidia-smi.txt" 2>&1 || true
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$out/gpu.txt"
 
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90 -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
+  -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
 cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.policy.cuda \
   drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda \
   drdiff.bench.attention.cuda drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda \

@@ -84,5 +84,168 @@ struct mma16<__half> {
   }
 };
 
+
+// ---- Hopper warpgroup MMA (sm_90a) --------------------------------------------------------------
+// Compiled only where the architecture-specific features exist (nvcc -gencode arch=compute_90a);
+// DRDIFF_WGMMA tells device code which path it is in. Elsewhere the kernels use mma.sync.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DRDIFF_WGMMA 1
+#else
+#define DRDIFF_WGMMA 0
+#endif
+
+/// Shared-memory matrix descriptor of a tile in the 128-byte swizzled layout (rows of 128 bytes,
+/// 16-byte chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes apart, the group's
+/// base 1024-byte aligned). Both byte offsets are 1024: the operands used here span one swizzle atom
+/// along their contiguous dimension, so only the 8-row group stride is read.
+DRDIFF_DEVICE std::uint64_t wgmma_desc_sw128(void const* smem) {
+  std::uint64_t d = (smem_u32(smem) & 0x3FFFFu) >> 4;
+  d |= std::uint64_t(1024 >> 4) << 16;  // leading dimension byte offset
+  d |= std::uint64_t(1024 >> 4) << 32;  // stride dimension byte offset
+  d |= std::uint64_t(1) << 62;          // 128-byte swizzle
+  return d;
+}
+DRDIFF_DEVICE void wgmma_fence() {
+#if DRDIFF_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+DRDIFF_DEVICE void wgmma_commit() {
+#if DRDIFF_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+DRDIFF_DEVICE void wgmma_wait() {
+#if DRDIFF_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+/// Orders shared-memory writes of this thread (ordinary stores, cp.async) before later reads by the
+/// async proxy (wgmma); put it before the barrier that publishes the data.
+DRDIFF_DEVICE void fence_proxy_async() {
+#if DRDIFF_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/// Keeps the compiler from moving reads of `x` above a wgmma wait (or reusing its register early).
+DRDIFF_DEVICE void wgmma_keep(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+DRDIFF_DEVICE void wgmma_keep(unsigned& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+/// Per-type warpgroup MMA: d[O .. O+7][·] (+)= a · b for a 64×16 A in registers (the mma.sync A
+/// fragment layout, 16 rows per warp) and a 16×64 B in shared memory (descriptor). The accumulator
+/// layout is the mma.sync one: d[j][e] holds columns 8j + 2·(lane % 4) + e % 2 of rows lane / 4
+/// (+ 8 for e ≥ 2) of the warp's 16 rows. TransB = 0: B stored N-major rows of K (as K-tiles of
+/// keys); TransB = 1: B stored K rows of N (as V tiles). Accumulate = 0 overwrites d.
+///
+/// Seen with CUDA 13.0's ptxas: an A fragment kept in registers across loop iterations (loaded once,
+/// used by every iteration's wgmma) had its registers given to other values, so later iterations read
+/// garbage. Pass A fragments computed right before the call; operands that persist go through shared
+/// memory (mma_ss).
+template <class T>
+struct wgmma64;
+
+template <>
+struct wgmma64<__nv_bfloat16> {
+  template <int TransB, int O, int M>
+  DRDIFF_DEVICE static void mma(float (&d)[M][4], unsigned const (&a)[4], std::uint64_t desc, int accumulate) {
+    static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
+#if DRDIFF_WGMMA
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
+          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
+          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
+          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
+          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
+          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
+          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
+          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TransB), "r"(accumulate));
+#else
+    (void)d; (void)a; (void)desc; (void)accumulate;
+    __trap();
+#endif
+  }
+  /// The same with A in shared memory too (K-major, descriptor).
+  template <int TransB, int O, int M>
+  DRDIFF_DEVICE static void mma_ss(float (&d)[M][4], std::uint64_t desc_a, std::uint64_t desc_b, int accumulate) {
+    static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
+#if DRDIFF_WGMMA
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %35, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, %34;\n}\n"
+        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
+          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
+          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
+          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
+          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
+          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
+          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
+          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
+        : "l"(desc_a), "l"(desc_b), "n"(TransB), "r"(accumulate));
+#else
+    (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+    __trap();
+#endif
+  }
+};
+
+template <>
+struct wgmma64<__half> {
+  template <int TransB, int O, int M>
+  DRDIFF_DEVICE static void mma(float (&d)[M][4], unsigned const (&a)[4], std::uint64_t desc, int accumulate) {
+    static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
+#if DRDIFF_WGMMA
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
+          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
+          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
+          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
+          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
+          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
+          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
+          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TransB), "r"(accumulate));
+#else
+    (void)d; (void)a; (void)desc; (void)accumulate;
+    __trap();
+#endif
+  }
+  /// The same with A in shared memory too (K-major, descriptor).
+  template <int TransB, int O, int M>
+  DRDIFF_DEVICE static void mma_ss(float (&d)[M][4], std::uint64_t desc_a, std::uint64_t desc_b, int accumulate) {
+    static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
+#if DRDIFF_WGMMA
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %35, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, %34;\n}\n"
+        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
+          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
+          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
+          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
+          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
+          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
+          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
+          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
+        : "l"(desc_a), "l"(desc_b), "n"(TransB), "r"(accumulate));
+#else
+    (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+    __trap();
+#endif
+  }
+};
+
 }  // namespace detail
 DRDIFF_NAMESPACE_END

@@ -135,8 +135,11 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
     attention_mma_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
   constexpr int BM = 16 * cuda_attention_warps, BN = 64, CH = D / 8, NT = 32 * cuda_attention_warps;
   using ops = mma16<T>;
+  static_assert(!DRDIFF_WGMMA || BM == 64, "attention: the wgmma path runs one warpgroup (4 warps, 64 rows)");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* const sq = reinterpret_cast<T*>(smem_raw);
+  // Tiles start on 1024-byte boundaries (the 128-byte swizzle's period; the host adds the slack).
+  unsigned char* const smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  T* const sq = reinterpret_cast<T*>(smem_base);
   T* const sk = sq + BM * D;       // two stages of BN × D
   T* const sv = sk + 2 * BN * D;   // two stages of BN × D
   __shared__ __align__(16) unsigned char segs_raw[sizeof(cuda_segment) * cuda_segment_batch];
@@ -161,7 +164,10 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
   T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
   T const* const kb = p.k + b * p.ks.batch + h * p.ks.head;
   T const* const vb = p.v + b * p.vs.batch + h * p.vs.head;
-  auto swz = [](int r, int c) { return r * D + ((c ^ (r & 7)) << 3); };
+  // Tiles of R rows × D columns as D / 64 panels of R × 64 (128-byte rows), 16-byte chunk c of row r
+  // at chunk c ^ (r % 8): the wgmma 128-byte swizzle layout, and conflict-free for ldmatrix.
+  auto swz_q = [](int r, int c) { return ((c >> 3) * BM + r) * 64 + (((c & 7) ^ (r & 7)) << 3); };
+  auto swz = [](int r, int c) { return ((c >> 3) * BN + r) * 64 + (((c & 7) ^ (r & 7)) << 3); };
 
   for (int r0 = 0; r0 < all_rows.count; r0 += BM) {
     attn::index_range const rows = all_rows.sub(r0, min(BM, all_rows.count - r0));
@@ -206,11 +212,13 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
       int const r = idx / CH, c = idx % CH;
       bool const ok = r < cnt;
       T const* src = ok ? qb + rows[r] * p.qs.seq + c * 8 : qb;
-      cp_async_16(sq + swz(r, c), src, ok ? 16 : 0);
+      cp_async_16(sq + swz_q(r, c), src, ok ? 16 : 0);
     }
     cp_async_commit();
+#if !DRDIFF_WGMMA
     bool q_ready = false;
-    unsigned qf[D / 16][4];
+    unsigned qf[D / 16][4];  // Q as mma.sync A fragments (the wgmma path reads Q from shared memory)
+#endif
 
     for (int skip = 0;; skip += cuda_segment_batch) {
       if (tid == 0)  // the segments form one stream of keys, cut into chunks of BN
@@ -253,19 +261,36 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         if (c + 1 < total) load_chunk((c + 1) & 1, c + 1);
         cp_async_commit();
         cp_async_wait<1>();
+        fence_proxy_async();  // the tile is read by wgmma (async proxy) on sm_90a
         __syncthreads();
+#if !DRDIFF_WGMMA
         if (!q_ready) {
 #pragma unroll
           for (int kk = 0; kk < D / 16; ++kk)
-            ldmatrix_x4(qf[kk], sq + swz(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            ldmatrix_x4(qf[kk], sq + swz_q(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
           q_ready = true;
         }
+#endif
         bool const exact = chunk_exact(c);
         int const* const keys = kidx[c & 1];
         T const* const ck = sk + (c & 1) * BN * D;
         T const* const cv = sv + (c & 1) * BN * D;
 
         float s[BN / 8][4];
+#if DRDIFF_WGMMA
+        // S = Q·Kᵀ: one warpgroup MMA per 16 columns of D, Q and K read from shared memory (K-major).
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma64<T>::template mma_ss<0, 0>(s, wgmma_desc_sw128(sq + (kk >> 2) * BM * 64 + (kk & 3) * 16),
+                                            wgmma_desc_sw128(ck + (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) wgmma_keep(s[nt][e]);
+#else
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
@@ -279,6 +304,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
             ops::mma(s[2 * np], qf[kk], bf[0], bf[1]);
             ops::mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
           }
+#endif
         // Scale to base 2, mask, running max.
         float mx[2] = {-INFINITY, -INFINITY};
         float const sc = p.scale_log2;
@@ -333,6 +359,35 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           acc[dt][3] *= alpha[1];
         }
         // O += P · V.
+#if DRDIFF_WGMMA
+        {  // P from registers (the A fragment layout), V from shared memory (rows of keys: transposed B)
+          unsigned pa[BN / 16][4];
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            pa[kk][0] = ops::pack(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = ops::pack(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+          }
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            wgmma64<T>::template mma<1, 0>(acc, pa[kk], wgmma_desc_sw128(cv + kk * 16 * 64), 1);
+            if constexpr (D == 128)
+              wgmma64<T>::template mma<1, D / 8 - 8>(acc, pa[kk], wgmma_desc_sw128(cv + BN * 64 + kk * 16 * 64), 1);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) wgmma_keep(pa[kk][e]);
+#pragma unroll
+          for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) wgmma_keep(acc[dt][e]);
+        }
+#else
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
           unsigned const pa[4] = {ops::pack(s[2 * kk][0], s[2 * kk][1]), ops::pack(s[2 * kk][2], s[2 * kk][3]),
@@ -346,6 +401,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
             ops::mma(acc[2 * dp + 1], pa, bf[2], bf[3]);
           }
         }
+#endif
         __syncthreads();  // the stage is refilled next iteration
       }
       cp_async_wait<0>();
