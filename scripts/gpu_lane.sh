@@ -4,7 +4,7 @@
 #
 #   scripts/gpu_lane.sh [quick]
 #
-# Builds the CUDA tests and benchmarks (sm_90), runs the CUDA tests, compute-sanitizer memcheck and
+# Builds the CUDA tests and benchmarks (sm_90a; the attention tests also for plain sm_90), runs the CUDA tests, compute-sanitizer memcheck and
 # racecheck on the attention and anchor tests, the solver-update, MoE, rounding and attention benchmarks (JSON in $OUT or out/), the
 # side-by-side comparison with PyTorch (bench/compare/compare.py), and prints a short table.
 # `quick` skips the sanitizers and the PyTorch comparison.
@@ -23,7 +23,8 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.
 
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
-cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.policy.cuda \
+cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.cuda.mma \
+  drdiff.test.attention.policy.cuda \
   drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda \
   drdiff.bench.attention.cuda drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda \
   drdiff.bench.model.cuda > "$out/build.log" 2>&1 \

@@ -8,7 +8,11 @@
 /// keeps the running state of a row in one place: first the passes over ordinary rows (window,
 /// dilations, global keys; the state lives in the workspace between them, in fp32), then the
 /// global rows, split across key ranges and merged by log-sum-exp. A pattern of one pass (dense, a
-/// window alone) needs no state at all. Nothing is allocated: the workspace is the caller's.
+/// window alone) needs no state at all. Before each pass over ordinary rows a small kernel resolves
+/// the key segments of every query tile into a table in the workspace (the policy's visitor, one
+/// thread per tile), so the attention CTAs start on their keys at once; called without a workspace, a
+/// one-pass pattern collects them in each CTA instead. Nothing is allocated: the workspace is the
+/// caller's.
 
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/attention/block_segments.hpp>
@@ -54,8 +58,12 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     std::vector<int> plain, split;    // passes over ordinary rows, key-split passes (global rows)
     int split_keys = 0, splits = 0, part_rows = 0;
     std::size_t state_floats = 0, part_floats = 0;
+    std::size_t seg_entries = 0;  // tiles × table entries of the largest plain pass (segment table)
 
-    std::size_t bytes() const { return (state_floats + part_floats) * sizeof(float) + 256; }
+    std::size_t seg_table_offset() const { return ((state_floats + part_floats) * sizeof(float) + 255) / 256 * 256; }
+    std::size_t bytes() const {
+      return seg_table_offset() + seg_entries * (cuda_segment_batch * sizeof(cuda_segment) + sizeof(int)) + 256;
+    }
   };
 
   template <class Policy>
@@ -85,6 +93,11 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
       for (int p : pl.split)
         for (auto const& s : pl.heads) pl.part_rows = std::max(pl.part_rows, s.num_q_tiles(p) * tile_rows);
       pl.part_floats = std::size_t(pl.splits) * a.batch * a.heads * pl.part_rows * (2 + std::size_t(a.head_dim));
+    }
+    if constexpr (tensor_cores) {
+      std::size_t const entries = pl.shared ? 1 : std::size_t(std::min(a.heads, cuda_table_heads));
+      for (int p : pl.plain)
+        for (auto const& s : pl.heads) pl.seg_entries = std::max(pl.seg_entries, std::size_t(s.num_q_tiles(p)) * entries);
     }
     return pl;
   }
@@ -181,6 +194,10 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
       prm.part_rows = pl.part_rows;
     }
 
+    auto* const seg_table = reinterpret_cast<cuda_segment*>(reinterpret_cast<unsigned char*>(base) +
+                                                            pl.seg_table_offset());
+    int* const seg_count = reinterpret_cast<int*>(seg_table + pl.seg_entries * cuda_segment_batch);
+
     // Heads in groups that fit the launch's table (one group when every head shares the policy).
     int const group = pl.shared ? a.heads : cuda_table_heads;
     for (int h0 = 0; h0 < a.heads; h0 += group) {
@@ -201,7 +218,22 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.last = i + 1 == pl.plain.size();
         prm.split_keys = 0;
         int const nt = tiles(p);
-        if (nt > 0) launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream);
+        if (nt == 0) continue;
+        // Resolve the tiles' key segments once, for every batch and head (a one-pass pattern called
+        // without a workspace collects them in each CTA instead).
+        if (pl.seg_entries > 0 && workspace != nullptr) {
+          prm.seg_table = nullptr;
+          prm.seg_count = nullptr;
+          prm.seg_tiles = nt;
+          attention_segments_kernel<T, Seg><<<dim3(unsigned((nt + 127) / 128), unsigned(prm.table_size)), 128, 0,
+                                              stream>>>(prm, seg_table, seg_count);
+          DRDIFF_CUDA_CHECK(cudaGetLastError());
+          prm.seg_table = seg_table;
+          prm.seg_count = seg_count;
+        }
+        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream);
+        prm.seg_table = nullptr;
+        prm.seg_count = nullptr;
       }
       for (int p : pl.split) {
         prm.pass = p;

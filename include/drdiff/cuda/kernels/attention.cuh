@@ -25,22 +25,32 @@ namespace detail {
 inline constexpr int cuda_table_heads = 16;
 
 #ifndef DRDIFF_CUDA_ATTENTION_WARPS
-#define DRDIFF_CUDA_ATTENTION_WARPS 4
+#define DRDIFF_CUDA_ATTENTION_WARPS 8
 #endif
-/// Warps of the tensor-core kernel; each owns 16 query rows of the tile.
+/// Warps of the tensor-core kernel; each owns 16 query rows of the tile (on sm_90a each group of 4
+/// warps is a warpgroup owning 64 rows). The rows of a tile share every K/V chunk loaded, so larger
+/// tiles cut the K/V traffic per row.
 inline constexpr int cuda_attention_warps = DRDIFF_CUDA_ATTENTION_WARPS;
+static_assert(cuda_attention_warps == 4 || cuda_attention_warps == 8,
+              "DRDIFF_CUDA_ATTENTION_WARPS must be 4 or 8 (64 or 128 query rows per tile)");
 #ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64
-#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 4
+#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 (16 / DRDIFF_CUDA_ATTENTION_WARPS)
 #endif
 #ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128
-#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128 2
+#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128 (8 / DRDIFF_CUDA_ATTENTION_WARPS)
 #endif
 /// Resident CTAs per SM the tensor-core kernel is compiled for, by head_dim: it caps the registers
-/// (65536 / (128 · blocks)), and occupancy is what hides the latency of this kernel's short chunks
-/// (measured on H100: 128 registers and 4 CTAs ran local attention 1.7× faster than 216 and 2).
+/// (65536 / (32 · warps · blocks)), and occupancy is what hides the latency of this kernel's short
+/// chunks (measured on H100 with the mma.sync path and 4 warps: 128 registers and 4 CTAs ran local
+/// attention 1.7× faster than 216 and 2).
 constexpr int cuda_attention_min_blocks(int d) {
   return d <= 64 ? DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 : DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128;
 }
+
+struct cuda_segment {
+  attn::index_range keys;
+  int exact;
+};
 
 template <class T, class Seg>
 struct cuda_attention_params {
@@ -69,11 +79,12 @@ struct cuda_attention_params {
   float* part_m = nullptr;  ///< [splits][batch·heads][part_rows]
   float* part_l = nullptr;
   float* part_acc = nullptr;  ///< [splits][batch·heads][part_rows][dim]
-};
-
-struct cuda_segment {
-  attn::index_range keys;
-  int exact;
+  /// Key segments of every tile of this pass, resolved before the launch (attention_segments_kernel):
+  /// seg_table[(entry · seg_tiles + t) · cuda_segment_batch + s], seg_count[entry · seg_tiles + t]
+  /// (−1: more than a batch; the kernel then collects them itself). Null: always collect.
+  cuda_segment const* seg_table = nullptr;
+  int const* seg_count = nullptr;
+  int seg_tiles = 0;
 };
 
 inline constexpr int cuda_segment_batch = 32;
@@ -112,6 +123,21 @@ __device__ __noinline__ void cuda_collect_segments(Seg const& seg, int pass, int
   seg_start[*n_segs] = keys;
 }
 
+/// Resolves the key segments of every query tile of one pass (one thread per tile and table entry)
+/// into the table the attention kernel reads: the single-thread visitor then runs once per tile
+/// for all batches and heads, in parallel, instead of inside every CTA while its other threads wait.
+template <class T, class Seg>
+__global__ void attention_segments_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p,
+                                          cuda_segment* table, int* count) {
+  int const t = int(blockIdx.x * blockDim.x + threadIdx.x), e = int(blockIdx.y);
+  if (t >= p.seg_tiles) return;
+  std::int64_t const at = std::int64_t(e) * p.seg_tiles + t;
+  int n = 0, seen = 0;
+  p.table[e].for_each_segment(p.pass, t,
+                              cuda_segment_collector{table + at * cuda_segment_batch, &n, &seen, 0, 0, p.seq});
+  count[at] = seen > cuda_segment_batch ? -1 : n;
+}
+
 template <class P>
 __device__ inline void cuda_bh(P const& p, int& b, int& h) {
   b = blockIdx.y / p.heads_in_launch;
@@ -135,7 +161,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
     attention_mma_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
   constexpr int BM = 16 * cuda_attention_warps, BN = 64, CH = D / 8, NT = 32 * cuda_attention_warps;
   using ops = mma16<T>;
-  static_assert(!DRDIFF_WGMMA || BM == 64, "attention: the wgmma path runs one warpgroup (4 warps, 64 rows)");
+  static_assert(!DRDIFF_WGMMA || BM % 64 == 0, "attention: the wgmma path runs whole warpgroups (4 warps, 64 rows)");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // Tiles start on 1024-byte boundaries (the 128-byte swizzle's period; the host adds the slack).
   unsigned char* const smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -146,7 +172,8 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
   auto* const segs = reinterpret_cast<cuda_segment*>(segs_raw);  // (index_range has a constructor)
   __shared__ int n_segs, seen;
   __shared__ int seg_start[cuda_segment_batch + 1];
-  __shared__ int kidx[2][BN];
+  __shared__ int kidx[3][BN];     // key index per row of chunks c, c + 1, c + 2 (slot c % 3); −1: none
+  __shared__ int kexact[3];       // chunk needs no mask
 
   int b, h;
   cuda_bh(p, b, h);
@@ -221,40 +248,70 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
 #endif
 
     for (int skip = 0;; skip += cuda_segment_batch) {
-      if (tid == 0)  // the segments form one stream of keys, cut into chunks of BN
-        cuda_collect_segments(seg, pass, t, segs, &n_segs, &seen, seg_start, skip, key_lo, key_hi);
+      if (tid == 0) {  // the segments form one stream of keys, cut into chunks of BN
+        std::int64_t const at = std::int64_t(p.table_size == 1 ? 0 : h - p.head0) * p.seg_tiles + t;
+        int const n = p.seg_table && skip == 0 ? p.seg_count[at] : -1;
+        if (n >= 0) {  // resolved before the launch: clip to this batch's keys, lay out the stream
+          cuda_segment const* const src = p.seg_table + at * cuda_segment_batch;
+          int keys = 0, out = 0;
+          for (int s = 0; s < n; ++s) {
+            cuda_segment sg = src[s];
+            int const c = key_hi < p.seq ? sg.keys.count_below(key_hi) : sg.keys.count;
+            if (c <= 0) break;  // segments come in increasing key order
+            sg.keys.count = c;
+            segs[out] = sg;
+            seg_start[out++] = keys;
+            keys += c;
+          }
+          n_segs = seen = out;
+          seg_start[out] = keys;
+        } else {
+          cuda_collect_segments(seg, pass, t, segs, &n_segs, &seen, seg_start, skip, key_lo, key_hi);
+        }
+      }
       __syncthreads();
       int const ns = n_segs;
       bool const more = seen > skip + cuda_segment_batch;
       int const total_keys = seg_start[ns];
       int const total = (total_keys + BN - 1) / BN;
 
-      // Chunk c: keys c·BN .. of the stream; their indices go to kidx[stage] for the mask.
-      auto load_chunk = [&](int stage, int c) {
-        T* const dk = sk + stage * BN * D;
-        T* const dv = sv + stage * BN * D;
-        for (int idx = tid; idx < BN * CH; idx += NT) {
-          int const r = idx / CH, ch = idx % CH, gk = c * BN + r;
-          bool const ok = gk < total_keys;
-          int j = 0;
-          if (ok) {
+      // Chunk c: keys c·BN .. of the stream. Its key indices and exactness are resolved once, two
+      // chunks ahead, into slot c % 3 (one thread per key), so the copies and the mask only read them.
+      auto fill_keys = [&](int c) {
+        int const slot = c % 3;
+        for (int r = tid; r < BN; r += NT) {
+          int const gk = c * BN + r;
+          int j = -1;
+          if (gk < total_keys) {
             int s = 0;
             while (seg_start[s + 1] <= gk) ++s;
             j = segs[s].keys[gk - seg_start[s]];
           }
-          if (ch == 0) kidx[stage][r] = ok ? j : -1;
+          kidx[slot][r] = j;
+        }
+        if (tid == NT - 1) {  // a chunk needs no mask when it is full and every segment it touches is exact
+          int const k0 = c * BN, k1 = k0 + BN;
+          bool ex = k1 <= total_keys;
+          for (int s = 0; ex && s < ns; ++s)
+            if (seg_start[s] < k1 && seg_start[s + 1] > k0 && !segs[s].exact) ex = false;
+          kexact[slot] = ex ? 1 : 0;
+        }
+      };
+      auto load_chunk = [&](int stage, int c) {
+        T* const dk = sk + stage * BN * D;
+        T* const dv = sv + stage * BN * D;
+        int const* const kx = kidx[c % 3];
+#pragma unroll
+        for (int idx = tid; idx < BN * CH; idx += NT) {
+          int const r = idx / CH, ch = idx % CH, j = kx[r];
+          bool const ok = j >= 0;
           cp_async_16(dk + swz(r, ch), ok ? kb + std::int64_t(j) * p.ks.seq + ch * 8 : kb, ok ? 16 : 0);
           cp_async_16(dv + swz(r, ch), ok ? vb + std::int64_t(j) * p.vs.seq + ch * 8 : vb, ok ? 16 : 0);
         }
       };
-      // A chunk needs no mask when it is full and every segment it touches is exact.
-      auto chunk_exact = [&](int c) {
-        int const k0 = c * BN, k1 = k0 + BN;
-        if (k1 > total_keys) return false;
-        for (int s = 0; s < ns; ++s)
-          if (seg_start[s] < k1 && seg_start[s + 1] > k0 && !segs[s].exact) return false;
-        return true;
-      };
+      if (total > 0) fill_keys(0);
+      if (total > 1) fill_keys(1);
+      __syncthreads();
       if (total > 0) load_chunk(0, 0);
       cp_async_commit();
       for (int c = 0; c < total; ++c) {
@@ -271,8 +328,8 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           q_ready = true;
         }
 #endif
-        bool const exact = chunk_exact(c);
-        int const* const keys = kidx[c & 1];
+        bool const exact = kexact[c % 3] != 0;
+        int const* const keys = kidx[c % 3];
         T const* const ck = sk + (c & 1) * BN * D;
         T const* const cv = sv + (c & 1) * BN * D;
 
@@ -282,7 +339,8 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-          wgmma64<T>::template mma_ss<0, 0>(s, wgmma_desc_sw128(sq + (kk >> 2) * BM * 64 + (kk & 3) * 16),
+          wgmma64<T>::template mma_ss<0, 0>(s, wgmma_desc_sw128(sq + ((kk >> 2) * BM + (warp >> 2) * 64) * 64 +
+                                                                (kk & 3) * 16),
                                             wgmma_desc_sw128(ck + (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
@@ -305,17 +363,26 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
             ops::mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
           }
 #endif
-        // Scale to base 2, mask, running max.
+        // Running max in base 2. Exact chunks keep the raw scores (the scale is applied inside the
+        // exponent below, one FFMA each); masked chunks are scaled here with −inf on masked keys.
         float mx[2] = {-INFINITY, -INFINITY};
         float const sc = p.scale_log2;
+        float scl = 1.f;  // factor applied to s in the exponent
         if (exact) {  // the common case: no mask (kept apart so its loop stays branch-free)
+          scl = sc;
+          if (sc >= 0.f) {
 #pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt)
+            for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              s[nt][e] *= sc;
-              mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
-            }
+              for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
+          } else {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], -s[nt][e]);
+          }
+          mx[0] *= fabsf(sc);
+          mx[1] *= fabsf(sc);
         } else {
 #pragma unroll
           for (int nt = 0; nt < BN / 8; ++nt)
@@ -347,16 +414,19 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            float const pv = fast_exp2(s[nt][e] - mx[e / 2]);
+            float const pv = fast_exp2(fmaf(s[nt][e], scl, -mx[e / 2]));
             s[nt][e] = pv;
             l[e / 2] += pv;
           }
+        // Rescale the output only when some row's max moved (after the first chunks it rarely does).
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          acc[dt][0] *= alpha[0];
-          acc[dt][1] *= alpha[0];
-          acc[dt][2] *= alpha[1];
-          acc[dt][3] *= alpha[1];
+          for (int dt = 0; dt < D / 8; ++dt) {
+            acc[dt][0] *= alpha[0];
+            acc[dt][1] *= alpha[0];
+            acc[dt][2] *= alpha[1];
+            acc[dt][3] *= alpha[1];
+          }
         }
         // O += P · V.
 #if DRDIFF_WGMMA
@@ -402,6 +472,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           }
         }
 #endif
+        if (c + 2 < total) fill_keys(c + 2);  // its slot was last read by chunk c − 1
         __syncthreads();  // the stage is refilled next iteration
       }
       cp_async_wait<0>();
