@@ -88,6 +88,8 @@ struct cuda_attention_params {
 };
 
 inline constexpr int cuda_segment_batch = 32;
+/// Key index of an empty slot of a chunk: far below every key, so |i − j| exceeds any reach.
+inline constexpr int cuda_no_key = -(1 << 30);
 
 /// Collects segments number skip .. skip + 31 of a tile, clipped to keys [lo, hi).
 struct cuda_segment_collector {
@@ -172,7 +174,8 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
   auto* const segs = reinterpret_cast<cuda_segment*>(segs_raw);  // (index_range has a constructor)
   __shared__ int n_segs, seen;
   __shared__ int seg_start[cuda_segment_batch + 1];
-  __shared__ int kidx[3][BN];     // key index per row of chunks c, c + 1, c + 2 (slot c % 3); −1: none
+  // Key index per row of chunks c, c + 1, c + 2 (slot c % 3); cuda_no_key: none.
+  __shared__ __align__(16) int kidx[3][BN];
   __shared__ int kexact[3];       // chunk needs no mask
 
   int b, h;
@@ -188,6 +191,21 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
   int comp = 0;
   attn::pass_kind kind = attn::pass_kind::dense_rows;
   if constexpr (std::is_same_v<Seg, attn::pattern>) kind = seg.kind(pass, &comp);
+  // Window passes and the first dilation own a band of distances lo ≤ |i − j| ≤ hi (dilated segments
+  // hold only keys in the rows' phase, so the rate needs no test): their masked chunks test one
+  // range per key instead of running the pattern's ownership test.
+  bool band = false;
+  int band_lo = 0, band_len = 0;
+  if constexpr (std::is_same_v<Seg, attn::pattern>) {
+    if (kind == attn::pass_kind::window_band) {
+      band = true;
+      band_len = seg.window;
+    } else if (kind == attn::pass_kind::dilated && comp == 0) {
+      band = true;
+      band_lo = seg.window + 1;
+      band_len = seg.dil[0].span - band_lo;
+    }
+  }
   T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
   T const* const kb = p.k + b * p.ks.batch + h * p.ks.head;
   T const* const vb = p.v + b * p.vs.batch + h * p.vs.head;
@@ -281,7 +299,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         int const slot = c % 3;
         for (int r = tid; r < BN; r += NT) {
           int const gk = c * BN + r;
-          int j = -1;
+          int j = cuda_no_key;
           if (gk < total_keys) {
             int s = 0;
             while (seg_start[s + 1] <= gk) ++s;
@@ -383,6 +401,21 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           }
           mx[0] *= fabsf(sc);
           mx[1] *= fabsf(sc);
+        } else if (band) {
+          int lo[2];  // rows this pass does not own get a bound no distance reaches
+#pragma unroll
+          for (int x = 0; x < 2; ++x) lo[x] = row_live[x] ? band_lo : 0x60000000;
+#pragma unroll
+          for (int nt = 0; nt < BN / 8; ++nt) {
+            int2 const j2 = *reinterpret_cast<int2 const*>(keys + nt * 8 + tig * 2);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              int const x = e / 2, j = (e & 1) ? j2.y : j2.x;
+              bool const ok = unsigned(abs(row_id[x] - j) - lo[x]) <= unsigned(band_len);
+              s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
+              mx[x] = fmaxf(mx[x], s[nt][e]);
+            }
+          }
         } else {
 #pragma unroll
           for (int nt = 0; nt < BN / 8; ++nt)
