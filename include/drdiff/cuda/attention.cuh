@@ -133,7 +133,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   template <int D, class Seg>
   static void launch(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream) {
     if constexpr (tensor_cores) {
-      constexpr int smem = (tile_rows + 4 * 64) * D * int(sizeof(T)) + 1024;  // + alignment slack
+      constexpr int smem = (tile_rows + 2 * cuda_attention_stages * 64) * D * int(sizeof(T)) + 1024;  // + alignment slack
       // Per call: the attribute belongs to the current device, and setting it costs microseconds.
       DRDIFF_CUDA_CHECK(cudaFuncSetAttribute(attention_mma_kernel<T, D, Seg>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

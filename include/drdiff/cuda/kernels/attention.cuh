@@ -1,10 +1,11 @@
 #pragma once
 /// \file
-/// CUDA attention kernels. One CTA runs one query tile of one pass of one (batch, head): it collects
-/// the tile's key segments (the policy's visitor, run by one thread), then walks them in chunks of
-/// 64 keys with the online softmax. 16-bit types use tensor cores (mma.sync m16n8k16, ldmatrix,
-/// cp.async double buffering); fp32 runs a SIMT kernel meant for testing. Global-row passes are
-/// split across key ranges and merged by log-sum-exp.
+/// CUDA attention kernels. One CTA runs one query tile of one pass of one (batch, head): it takes
+/// the tile's key segments (resolved by a pre-pass kernel, or by the policy's visitor run by one
+/// thread), then walks them in chunks of 64 keys with the online softmax. 16-bit types use tensor
+/// cores: warpgroup MMA (wgmma) when compiled for sm_90a, mma.sync m16n8k16 with ldmatrix elsewhere;
+/// K/V arrive through three cp.async stages. fp32 runs a SIMT kernel meant for testing. Global-row
+/// passes are split across key ranges and merged by log-sum-exp.
 
 #include <drdiff/attention/args.hpp>
 #include <drdiff/attention/index_range.hpp>
@@ -23,6 +24,8 @@ namespace detail {
 
 /// Bound policies passed to one launch: one shared by every head, or one per head.
 inline constexpr int cuda_table_heads = 16;
+/// K/V shared-memory stages of the tensor-core kernel (chunk c + 2 loads while chunk c computes).
+inline constexpr int cuda_attention_stages = 3;
 
 #ifndef DRDIFF_CUDA_ATTENTION_WARPS
 #define DRDIFF_CUDA_ATTENTION_WARPS 8
@@ -168,15 +171,15 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
   // Tiles start on 1024-byte boundaries (the 128-byte swizzle's period; the host adds the slack).
   unsigned char* const smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   T* const sq = reinterpret_cast<T*>(smem_base);
-  T* const sk = sq + BM * D;       // two stages of BN × D
-  T* const sv = sk + 2 * BN * D;   // two stages of BN × D
+  T* const sk = sq + BM * D;                    // cuda_attention_stages stages of BN × D
+  T* const sv = sk + cuda_attention_stages * BN * D;
   __shared__ __align__(16) unsigned char segs_raw[sizeof(cuda_segment) * cuda_segment_batch];
   auto* const segs = reinterpret_cast<cuda_segment*>(segs_raw);  // (index_range has a constructor)
   __shared__ int n_segs, seen;
   __shared__ int seg_start[cuda_segment_batch + 1];
-  // Key index per row of chunks c, c + 1, c + 2 (slot c % 3); cuda_no_key: none.
-  __shared__ __align__(16) int kidx[3][BN];
-  __shared__ int kexact[3];       // chunk needs no mask
+  // Key index per row of chunks c .. c + 3 (slot c % 4); cuda_no_key: none.
+  __shared__ __align__(16) int kidx[4][BN];
+  __shared__ int kexact[4];  // chunk needs no mask
 
   int b, h;
   cuda_bh(p, b, h);
@@ -293,10 +296,12 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
       int const total_keys = seg_start[ns];
       int const total = (total_keys + BN - 1) / BN;
 
-      // Chunk c: keys c·BN .. of the stream. Its key indices and exactness are resolved once, two
-      // chunks ahead, into slot c % 3 (one thread per key), so the copies and the mask only read them.
+      // Chunk c: keys c·BN .. of the stream. Its key indices and exactness are resolved once, three
+      // chunks ahead, into slot c % 4 (one thread per key), so the copies and the mask only read them.
+      // K/V go through three stages: chunk c + 2 loads while chunk c computes, and the one barrier per
+      // chunk both publishes chunk c and frees the stage of chunk c − 1 for reuse.
       auto fill_keys = [&](int c) {
-        int const slot = c % 3;
+        int const slot = c & 3;
         for (int r = tid; r < BN; r += NT) {
           int const gk = c * BN + r;
           int j = cuda_no_key;
@@ -318,7 +323,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
       auto load_chunk = [&](int stage, int c) {
         T* const dk = sk + stage * BN * D;
         T* const dv = sv + stage * BN * D;
-        int const* const kx = kidx[c % 3];
+        int const* const kx = kidx[c & 3];
 #pragma unroll
         for (int idx = tid; idx < BN * CH; idx += NT) {
           int const r = idx / CH, ch = idx % CH, j = kx[r];
@@ -327,17 +332,19 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           cp_async_16(dv + swz(r, ch), ok ? vb + std::int64_t(j) * p.vs.seq + ch * 8 : vb, ok ? 16 : 0);
         }
       };
-      if (total > 0) fill_keys(0);
-      if (total > 1) fill_keys(1);
+      for (int c = 0; c < 3 && c < total; ++c) fill_keys(c);
       __syncthreads();
       if (total > 0) load_chunk(0, 0);
       cp_async_commit();
-      for (int c = 0; c < total; ++c) {
-        if (c + 1 < total) load_chunk((c + 1) & 1, c + 1);
-        cp_async_commit();
-        cp_async_wait<1>();
+      if (total > 1) load_chunk(1, 1);
+      cp_async_commit();
+      for (int c = 0, stage = 0; c < total; ++c, stage = stage == cuda_attention_stages - 1 ? 0 : stage + 1) {
+        cp_async_wait<1>();   // chunk c has landed (c + 1 may be in flight)
         fence_proxy_async();  // the tile is read by wgmma (async proxy) on sm_90a
-        __syncthreads();
+        __syncthreads();      // every warp is past chunk c − 1: its stage and key slot are free
+        if (c + 2 < total) load_chunk(stage == 0 ? cuda_attention_stages - 1 : stage - 1, c + 2);
+        cp_async_commit();
+        if (c + 3 < total) fill_keys(c + 3);
 #if !DRDIFF_WGMMA
         if (!q_ready) {
 #pragma unroll
@@ -346,10 +353,10 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           q_ready = true;
         }
 #endif
-        bool const exact = kexact[c % 3] != 0;
-        int const* const keys = kidx[c % 3];
-        T const* const ck = sk + (c & 1) * BN * D;
-        T const* const cv = sv + (c & 1) * BN * D;
+        bool const exact = kexact[c & 3] != 0;
+        int const* const keys = kidx[c & 3];
+        T const* const ck = sk + stage * BN * D;
+        T const* const cv = sv + stage * BN * D;
 
         float s[BN / 8][4];
 #if DRDIFF_WGMMA
@@ -505,8 +512,6 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           }
         }
 #endif
-        if (c + 2 < total) fill_keys(c + 2);  // its slot was last read by chunk c − 1
-        __syncthreads();  // the stage is refilled next iteration
       }
       cp_async_wait<0>();
       __syncthreads();
