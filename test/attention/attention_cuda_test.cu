@@ -46,11 +46,11 @@ constexpr double tolerance() { return std::is_same_v<T, float> ? 1e-5 : 1e-2; }
 /// (batch, head). `list` (host) is copied to the device when the policy uses an explicit global list.
 template <class T, class Policy, class RefPolicy>
 void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, int n, int heads, int dim,
-                  bool padded, int r0, int r1) {
+                  bool padded, int r0, int r1, double scale = 0.0) {
   static std::random_device rd;
   unsigned const seed = rd();
   INFO("seed " << seed << " batch " << batch << " N " << n << " heads " << heads << " D " << dim << " padded "
-               << padded);
+               << padded << " scale " << scale);
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::size_t const elems = std::size_t(batch) * n * heads * dim;
@@ -77,6 +77,7 @@ void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, 
   auto a = make_attention_args<T>(dq.ptr, dk.ptr, dv.ptr, dout.ptr, batch, n, heads, dim);
   a.maybe_lse = reinterpret_cast<typename attention_args<T>::lse_type*>(dlse.ptr);
   a.maybe_kv_lens = padded ? dlens.ptr : nullptr;
+  a.softmax_scale = scale;
   context<cuda> const ctx{};
   std::size_t const ws_bytes = attention_workspace_bytes(ctx, policy, a);
   dbuf<unsigned char> ws(ws_bytes);
@@ -89,6 +90,7 @@ void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, 
   auto r = make_attention_args<float>(fq.data(), fk.data(), fv.data(), o_ref.data(), batch, n, heads, dim);
   r.maybe_lse = lse_ref.data();
   r.maybe_kv_lens = padded ? lens.data() : nullptr;
+  r.softmax_scale = scale;
   if (r1 < 0) r1 = n;
   attention_reference(ref_policy, r, r0, r1);
 
@@ -120,8 +122,8 @@ void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, 
 
 template <class T, class Policy>
 void compare(Policy const& policy, int batch, int n, int heads, int dim, bool padded = false, int r0 = 0,
-             int r1 = -1) {
-  compare_with<T>(policy, policy, batch, n, heads, dim, padded, r0, r1);
+             int r1 = -1, double scale = 0.0) {
+  compare_with<T>(policy, policy, batch, n, heads, dim, padded, r0, r1, scale);
 }
 
 
@@ -170,6 +172,17 @@ TEMPLATE_TEST_CASE("every hsa tier on CUDA, head_dim 64 and 128, padded batches"
   compare<TestType>(def, 1, 6000, 1, 64, false, 5000, 6000);
   compare<TestType>(def, 1, 20000, 2, 64, false, 0, 300);
   compare<TestType>(def, 1, 20000, 1, 64, false, 9000, 9300);
+}
+
+TEMPLATE_TEST_CASE("CUDA attention applies softmax_scale, negative included", "[attention][cuda]", __nv_bfloat16,
+                   float) {
+  // Exact chunks fold the scale into the exponent and take the row max of the raw scores (the min
+  // when the scale is negative); masked chunks scale first. Both kinds occur in each case.
+  for (double const scale : {0.3, -0.2}) {
+    compare<TestType>(attn::dense{}, 1, 300, 2, 64, false, 0, -1, scale);
+    compare<TestType>(attn::local_window{40}, 1, 500, 2, 64, false, 0, -1, scale);
+    compare<TestType>(test::small_tiers(), 1, 700, 2, 128, true, 0, -1, scale);
+  }
 }
 
 TEST_CASE("fp32 on CUDA takes every supported head_dim", "[attention][cuda]") {
