@@ -139,6 +139,8 @@ TEMPLATE_TEST_CASE("CUDA attention matches the reference for every pattern", "[a
   compare<TestType>(attn::dilated{1, 20}, 1, 150, 1, d);
   int const rates[] = {1, 3, 8};
   compare<TestType>(attn::dilated{2, 90, rates}, 1, 211, 3, d);  // per-head dilation
+  // Per-head rates give the heads different tile counts in a pass that is not the last one.
+  compare<TestType>(attn::local_window{12} | attn::dilated{2, 90, rates}, 1, 211, 3, d);
   compare<TestType>(attn::global_tokens::first(5), 1, 100, 2, d);
   compare<TestType>(attn::global_tokens::strided(7), 1, 300, 1, d);
   compare<TestType>(attn::global_tokens::first(70), 1, 70, 1, d);  // G = N
@@ -200,6 +202,7 @@ TEST_CASE("CUDA attention rejects what it cannot run", "[attention][errors][cuda
   REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::dense{}, args(1, 50, 64)), Contains("16-byte aligned"));
   REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::local_window{8} | attn::global_tokens::first(4), args(0, 100, 64)),
                       Contains("bytes of workspace"));
+  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::dense{}, args(0, 1 << 29, 64)), Contains("seq = 536870912"));
   REQUIRE_NOTHROW(attention(context<cuda>{}, attn::dense{}, args(0, 100, 64)));  // one pass: no workspace needed
   DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
 }

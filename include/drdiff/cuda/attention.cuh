@@ -103,6 +103,8 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   }
 
   static void check(attention_args<T> const& a) {
+    DRDIFF_CHECK(a.seq <= cuda_attention_max_seq, "attention (cuda): seq = ", a.seq, " is above the ",
+                 cuda_attention_max_seq, " tokens the kernels index");
     validate(a, /*host_lens=*/false);
     if constexpr (tensor_cores) {
       DRDIFF_CHECK(a.head_dim == 64 || a.head_dim == 128, "attention (cuda): head_dim = ", a.head_dim,
@@ -130,14 +132,43 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     return make_plan(policy, a).bytes();
   }
 
+  /// K/V stages and alignment slack of the tensor-core kernel on the current device: 3 stages where
+  /// they fit the per-block shared memory, else 2; the 1024-byte slack only on compute capability 9.0
+  /// (the wgmma path's 128-byte-swizzled tiles need 1024-byte alignment).
+  struct kernel_shape {
+    int stages = cuda_attention_max_stages;
+    int slack = 0;
+  };
+  static constexpr int smem_bytes(int d, int stages, int slack) {
+    return (tile_rows + 2 * stages * 64) * d * int(sizeof(T)) + slack;
+  }
   template <int D, class Seg>
-  static void launch(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream) {
+  static kernel_shape shape_for_device() {
+    int dev = 0, optin = 0, major = 0, minor = 0;
+    DRDIFF_CUDA_CHECK(cudaGetDevice(&dev));
+    DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    cudaFuncAttributes fa{};
+    DRDIFF_CUDA_CHECK(cudaFuncGetAttributes(&fa, attention_mma_kernel<T, D, cuda_attention_max_stages, Seg>));
+    kernel_shape k;
+    k.slack = major == 9 && minor == 0 ? 1024 : 0;
+    int const fixed = int(fa.sharedSizeBytes);  // static shared memory, the same for every stage count
+    for (k.stages = cuda_attention_max_stages; k.stages >= 2; --k.stages)
+      if (smem_bytes(D, k.stages, k.slack) + fixed <= optin) return k;
+    DRDIFF_CHECK(false, "attention (cuda): head_dim = ", D, " needs ", smem_bytes(D, 2, k.slack) + fixed,
+                 " bytes of shared memory per block; this device allows ", optin);
+    return k;
+  }
+
+  template <int D, class Seg>
+  static void launch(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream, kernel_shape k) {
     if constexpr (tensor_cores) {
-      constexpr int smem = (tile_rows + 2 * cuda_attention_stages * 64) * D * int(sizeof(T)) + 1024;  // + alignment slack
+      int const smem = smem_bytes(D, k.stages, k.slack);
+      auto const kernel = k.stages == 3 ? attention_mma_kernel<T, D, 3, Seg> : attention_mma_kernel<T, D, 2, Seg>;
       // Per call: the attribute belongs to the current device, and setting it costs microseconds.
-      DRDIFF_CUDA_CHECK(cudaFuncSetAttribute(attention_mma_kernel<T, D, Seg>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      attention_mma_kernel<T, D, Seg><<<grid, 32 * cuda_attention_warps, smem, stream>>>(prm);
+      DRDIFF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      kernel<<<grid, 32 * cuda_attention_warps, smem, stream>>>(prm);
     } else {
       attention_simt_kernel<T, Seg><<<grid, 64, 2 * 16 * prm.dim * sizeof(float), stream>>>(prm);
     }
@@ -145,12 +176,18 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   }
 
   template <class Seg>
-  static void launch_dim(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream) {
+  static kernel_shape shape_dim(int dim) {
+    if constexpr (tensor_cores) return dim == 64 ? shape_for_device<64, Seg>() : shape_for_device<128, Seg>();
+    else return kernel_shape{};
+  }
+
+  template <class Seg>
+  static void launch_dim(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream, kernel_shape k) {
     if constexpr (tensor_cores) {
-      if (prm.dim == 64) launch<64>(prm, grid, stream);
-      else launch<128>(prm, grid, stream);
+      if (prm.dim == 64) launch<64>(prm, grid, stream, k);
+      else launch<128>(prm, grid, stream, k);
     } else {
-      launch<0>(prm, grid, stream);
+      launch<0>(prm, grid, stream, k);
     }
   }
 
@@ -170,6 +207,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
 
     using Seg = seg_t<Policy>;
+    kernel_shape const shape = shape_dim<Seg>(a.head_dim);
     cuda_attention_params<T, Seg> prm{};
     prm.batch = a.batch; prm.seq = a.seq; prm.heads = a.heads; prm.dim = a.head_dim;
     prm.q = a.q; prm.k = a.k; prm.v = a.v; prm.o = a.o;
@@ -231,7 +269,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
           prm.seg_table = seg_table;
           prm.seg_count = seg_count;
         }
-        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream);
+        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream, shape);
         prm.seg_table = nullptr;
         prm.seg_count = nullptr;
       }
@@ -241,7 +279,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.split_keys = pl.split_keys;
         int const nt = tiles(p);
         if (nt == 0) continue;
-        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), unsigned(pl.splits)), stream);
+        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), unsigned(pl.splits)), stream, shape);
         attention_merge_kernel<T, Seg><<<dim3(unsigned(nt * tile_rows), unsigned(a.batch * hn)), 128, 0, stream>>>(
             prm, pl.splits);
         DRDIFF_CUDA_CHECK(cudaGetLastError());

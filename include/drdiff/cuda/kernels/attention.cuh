@@ -4,7 +4,7 @@
 /// the tile's key segments (resolved by a pre-pass kernel, or by the policy's visitor run by one
 /// thread), then walks them in chunks of 64 keys with the online softmax. 16-bit types use tensor
 /// cores: warpgroup MMA (wgmma) when compiled for sm_90a, mma.sync m16n8k16 with ldmatrix elsewhere;
-/// K/V arrive through three cp.async stages. fp32 runs a SIMT kernel meant for testing. Global-row
+/// K/V arrive through two or three cp.async stages. fp32 runs a SIMT kernel meant for testing. Global-row
 /// passes are split across key ranges and merged by log-sum-exp.
 
 #include <drdiff/attention/args.hpp>
@@ -24,8 +24,11 @@ namespace detail {
 
 /// Bound policies passed to one launch: one shared by every head, or one per head.
 inline constexpr int cuda_table_heads = 16;
-/// K/V shared-memory stages of the tensor-core kernel (chunk c + 2 loads while chunk c computes).
-inline constexpr int cuda_attention_stages = 3;
+/// K/V shared-memory stages of the tensor-core kernel: 3 (chunk c + 2 loads while chunk c computes),
+/// or 2 where 3 do not fit the device's shared memory (head_dim 128 on GPUs with 99 KB per block).
+inline constexpr int cuda_attention_max_stages = 3;
+/// Sequence lengths the kernels index (distances stay clear of the empty-slot sentinel below).
+inline constexpr int cuda_attention_max_seq = (1 << 29) - 1;
 
 #ifndef DRDIFF_CUDA_ATTENTION_WARPS
 #define DRDIFF_CUDA_ATTENTION_WARPS 8
@@ -137,6 +140,10 @@ __global__ void attention_segments_kernel(__grid_constant__ const cuda_attention
   int const t = int(blockIdx.x * blockDim.x + threadIdx.x), e = int(blockIdx.y);
   if (t >= p.seg_tiles) return;
   std::int64_t const at = std::int64_t(e) * p.seg_tiles + t;
+  if (t >= p.table[e].num_q_tiles(p.pass)) {  // past this head's tiles (another head has more)
+    count[at] = 0;
+    return;
+  }
   int n = 0, seen = 0;
   p.table[e].for_each_segment(p.pass, t,
                               cuda_segment_collector{table + at * cuda_segment_batch, &n, &seen, 0, 0, p.seq});
@@ -161,18 +168,23 @@ __device__ inline std::int64_t cuda_state_row(P const& p, int b, int h, int row,
 // Tensor-core kernel: `cuda_attention_warps` warps × 16 query rows, chunks of 64 keys, head_dim D
 // (64 or 128).
 
-template <class T, int D, class Seg>
+template <class T, int D, int S, class Seg>
 __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_blocks(D))
     attention_mma_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
+  static_assert(S == 2 || S == 3, "attention: 2 or 3 K/V stages (4 key slots hold chunks c .. c + S)");
   constexpr int BM = 16 * cuda_attention_warps, BN = 64, CH = D / 8, NT = 32 * cuda_attention_warps;
   using ops = mma16<T>;
   static_assert(!DRDIFF_WGMMA || BM % 64 == 0, "attention: the wgmma path runs whole warpgroups (4 warps, 64 rows)");
   extern __shared__ __align__(128) unsigned char smem_raw[];
+#if DRDIFF_WGMMA
   // Tiles start on 1024-byte boundaries (the 128-byte swizzle's period; the host adds the slack).
   unsigned char* const smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+#else
+  unsigned char* const smem_base = smem_raw;
+#endif
   T* const sq = reinterpret_cast<T*>(smem_base);
-  T* const sk = sq + BM * D;                    // cuda_attention_stages stages of BN × D
-  T* const sv = sk + cuda_attention_stages * BN * D;
+  T* const sk = sq + BM * D;  // S stages of BN × D
+  T* const sv = sk + S * BN * D;
   __shared__ __align__(16) unsigned char segs_raw[sizeof(cuda_segment) * cuda_segment_batch];
   auto* const segs = reinterpret_cast<cuda_segment*>(segs_raw);  // (index_range has a constructor)
   __shared__ int n_segs, seen;
@@ -185,6 +197,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
   cuda_bh(p, b, h);
   Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
   int const t = blockIdx.x, pass = p.pass;
+  if (t >= seg.num_q_tiles(pass)) return;  // past this head's tiles (another head in the launch has more)
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
   int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
@@ -296,10 +309,10 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
       int const total_keys = seg_start[ns];
       int const total = (total_keys + BN - 1) / BN;
 
-      // Chunk c: keys c·BN .. of the stream. Its key indices and exactness are resolved once, three
-      // chunks ahead, into slot c % 4 (one thread per key), so the copies and the mask only read them.
-      // K/V go through three stages: chunk c + 2 loads while chunk c computes, and the one barrier per
-      // chunk both publishes chunk c and frees the stage of chunk c − 1 for reuse.
+      // Chunk c: keys c·BN .. of the stream. Its key indices and exactness are resolved once, S chunks
+      // ahead, into slot c % 4 (one thread per key), so the copies and the mask only read them. K/V go
+      // through S stages: chunk c + S − 1 loads while chunk c computes, and the one barrier per chunk
+      // both publishes chunk c and frees the stage of chunk c − 1 for reuse.
       auto fill_keys = [&](int c) {
         int const slot = c & 3;
         for (int r = tid; r < BN; r += NT) {
@@ -332,19 +345,20 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           cp_async_16(dv + swz(r, ch), ok ? vb + std::int64_t(j) * p.vs.seq + ch * 8 : vb, ok ? 16 : 0);
         }
       };
-      for (int c = 0; c < 3 && c < total; ++c) fill_keys(c);
+      for (int c = 0; c < S && c < total; ++c) fill_keys(c);
       __syncthreads();
-      if (total > 0) load_chunk(0, 0);
-      cp_async_commit();
-      if (total > 1) load_chunk(1, 1);
-      cp_async_commit();
-      for (int c = 0, stage = 0; c < total; ++c, stage = stage == cuda_attention_stages - 1 ? 0 : stage + 1) {
-        cp_async_wait<1>();   // chunk c has landed (c + 1 may be in flight)
-        fence_proxy_async();  // the tile is read by wgmma (async proxy) on sm_90a
-        __syncthreads();      // every warp is past chunk c − 1: its stage and key slot are free
-        if (c + 2 < total) load_chunk(stage == 0 ? cuda_attention_stages - 1 : stage - 1, c + 2);
+#pragma unroll
+      for (int c = 0; c + 1 < S; ++c) {
+        if (c < total) load_chunk(c, c);
         cp_async_commit();
-        if (c + 3 < total) fill_keys(c + 3);
+      }
+      for (int c = 0, stage = 0; c < total; ++c, stage = stage == S - 1 ? 0 : stage + 1) {
+        cp_async_wait<S - 2>();  // chunk c has landed (later ones may be in flight)
+        fence_proxy_async();     // the tile is read by wgmma (async proxy) on sm_90a
+        __syncthreads();         // every warp is past chunk c − 1: its stage and key slot are free
+        if (c + S - 1 < total) load_chunk(stage == 0 ? S - 1 : stage - 1, c + S - 1);
+        cp_async_commit();
+        if (c + S < total) fill_keys(c + S);
 #if !DRDIFF_WGMMA
         if (!q_ready) {
 #pragma unroll
@@ -573,6 +587,7 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
   cuda_bh(p, b, h);
   Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
   int const t = blockIdx.x, pass = p.pass, D = p.dim, tid = threadIdx.x;
+  if (t >= seg.num_q_tiles(pass)) return;  // past this head's tiles (another head in the launch has more)
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
   int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
@@ -665,6 +680,7 @@ __global__ void attention_merge_kernel(__grid_constant__ const cuda_attention_pa
   cuda_bh(p, b, h);
   Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
   int const t = pr / p.tile_rows, r = pr % p.tile_rows;
+  if (t >= seg.num_q_tiles(p.pass)) return;
   attn::index_range const rows = seg.q_tile(p.pass, t);
   if (r >= rows.count) return;
   int const row = rows[r];
