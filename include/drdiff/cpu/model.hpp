@@ -117,19 +117,11 @@ class model<cpu, Config> {
       if (timing) timing->dense += since(t0);
       t0 = clock();
       router::moe_args m;
-      m.tokens = int(T); m.d_model = dm; m.d_ff = s.d_ff; m.experts = s.experts;
+      auto const tensor = [&](std::string const& n) { return p(n); };
+      detail::bind_moe_weights(m, pre, s, cfg_.activation, tensor, tensor);
+      m.tokens = int(T);
       m.x = ln_.data(); m.out = ffn_.data();
-      m.w_router = p(pre + "moe.router.weight"); m.b_router = p(pre + "moe.router.bias");
-      m.w_up = p(pre + "moe.experts.up"); m.w_down = p(pre + "moe.experts.down");
-      bool const swiglu = cfg_.activation == ffn_activation::swiglu;
-      m.act = swiglu ? router::activation::swiglu : router::activation::gelu;
-      if (swiglu) m.w_gate = p(pre + "moe.experts.gate");
-      m.shared_experts = s.shared_experts;
-      if (s.shared_experts > 0) {
-        m.w_shared_up = p(pre + "moe.shared.up");
-        m.w_shared_down = p(pre + "moe.shared.down");
-        if (swiglu) m.w_shared_gate = p(pre + "moe.shared.gate");
-      }
+      m.act = cfg_.activation == ffn_activation::swiglu ? router::activation::swiglu : router::activation::gelu;
       m.timestep = float(t);
       router::moe_forward(ctx, cfg_.router, m);
       for (std::int64_t i = 0; i < T * dm; ++i) h_[std::size_t(i)] += ffn_[std::size_t(i)];

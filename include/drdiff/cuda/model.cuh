@@ -350,21 +350,11 @@ class model<cuda, Config> {
   router::cuda_moe_args<bf16> moe_args(std::string const& pre, std::int64_t T, double t) const {
     auto const& s = cfg_.sizes;
     router::cuda_moe_args<bf16> a;
-    a.tokens = int(T); a.d_model = s.d_model; a.d_ff = s.d_ff; a.experts = s.experts;
+    detail::bind_moe_weights(a, pre, s, cfg_.activation, [&](std::string const& n) { return m(n); },
+                             [&](std::string const& n) { return v(n); });
+    a.tokens = int(T);
     a.x = ln_; a.out = att_;  // att_ is free after the output projection
-    a.w_router = m(pre + "moe.router.weight");
-    a.b_router = v(pre + "moe.router.bias");
-    a.w_up = m(pre + "moe.experts.up");
-    a.w_down = m(pre + "moe.experts.down");
-    bool const swiglu = cfg_.activation == ffn_activation::swiglu;
-    a.act = swiglu ? router::cuda_activation::swiglu : router::cuda_activation::gelu;
-    if (swiglu) a.w_gate = m(pre + "moe.experts.gate");
-    a.shared_experts = s.shared_experts;
-    if (s.shared_experts > 0) {
-      a.w_shared_up = m(pre + "moe.shared.up");
-      a.w_shared_down = m(pre + "moe.shared.down");
-      if (swiglu) a.w_shared_gate = m(pre + "moe.shared.gate");
-    }
+    a.act = cfg_.activation == ffn_activation::swiglu ? router::cuda_activation::swiglu : router::cuda_activation::gelu;
     a.timestep = float(t);
     a.cublas = blas_;
     return a;

@@ -68,4 +68,30 @@ inline std::vector<parameter_spec> parameter_specs(model_sizes const& s, ffn_act
   return p;
 }
 
+namespace detail {
+/// Points a routed-FFN argument struct (router::moe_args on the CPU, router::cuda_moe_args on the
+/// GPU) at the expert tensors of block `pre` ("blocks.<b>.") and sets its sizes; `mat(name)` and
+/// `vec(name)` return the backend's pointer to a matrix or a vector. The tensor names are the ones
+/// parameter_specs lists above. The activation enum and the buffers stay with the caller.
+template <class Args, class Mat, class Vec>
+void bind_moe_weights(Args& a, std::string const& pre, model_sizes const& s, ffn_activation act, Mat&& mat,
+                      Vec&& vec) {
+  a.d_model = s.d_model;
+  a.d_ff = s.d_ff;
+  a.experts = s.experts;
+  a.w_router = mat(pre + "moe.router.weight");
+  a.b_router = vec(pre + "moe.router.bias");
+  a.w_up = mat(pre + "moe.experts.up");
+  a.w_down = mat(pre + "moe.experts.down");
+  bool const swiglu = act == ffn_activation::swiglu;
+  if (swiglu) a.w_gate = mat(pre + "moe.experts.gate");
+  a.shared_experts = s.shared_experts;
+  if (s.shared_experts > 0) {
+    a.w_shared_up = mat(pre + "moe.shared.up");
+    a.w_shared_down = mat(pre + "moe.shared.down");
+    if (swiglu) a.w_shared_gate = mat(pre + "moe.shared.gate");
+  }
+}
+}  // namespace detail
+
 DRDIFF_NAMESPACE_END

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 DRDIFF_NAMESPACE_BEGIN
 namespace detail {
@@ -142,53 +143,56 @@ DRDIFF_DEVICE void wgmma_keep(unsigned& x) { asm volatile("" : "+r"(x)::"memory"
 /// used by every iteration's wgmma) had its registers given to other values, so later iterations read
 /// garbage. Pass A fragments computed right before the call; operands that persist go through shared
 /// memory (mma_ss).
+// The 32 accumulator operands of one m64n64 block, d[O .. O+7][0 .. 3], as %0 .. %31.
+#define DRDIFF_WGMMA_D_OPERANDS \
+    "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),\
+    "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),\
+    "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),\
+    "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),\
+    "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),\
+    "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),\
+    "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),\
+    "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
+#define DRDIFF_WGMMA_D_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+
 template <class T>
-struct wgmma64;
+struct wgmma64 {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "wgmma64: bf16 or fp16 operands");
 
-template <>
-struct wgmma64<__nv_bfloat16> {
+  /// A in registers, B in shared memory.
   template <int TransB, int O, int M>
   DRDIFF_DEVICE static void mma(float (&d)[M][4], unsigned const (&a)[4], std::uint64_t desc, int accumulate) {
     static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
 #if DRDIFF_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
-        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
-          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
-          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
-          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
-          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
-          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
-          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
-          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TransB), "r"(accumulate));
+#define DRDIFF_WGMMA_RS(ty)                                                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"                                                   \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." ty "." ty " " DRDIFF_WGMMA_D_REGS               \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"                                              \
+               : DRDIFF_WGMMA_D_OPERANDS                                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TransB), "r"(accumulate))
+    if constexpr (std::is_same_v<T, __half>) DRDIFF_WGMMA_RS("f16");
+    else DRDIFF_WGMMA_RS("bf16");
+#undef DRDIFF_WGMMA_RS
 #else
     (void)d; (void)a; (void)desc; (void)accumulate;
     __trap();
 #endif
   }
+
   /// The same with A in shared memory too (K-major, descriptor).
   template <int TransB, int O, int M>
   DRDIFF_DEVICE static void mma_ss(float (&d)[M][4], std::uint64_t desc_a, std::uint64_t desc_b, int accumulate) {
     static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
 #if DRDIFF_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %35, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, %34;\n}\n"
-        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
-          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
-          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
-          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
-          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
-          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
-          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
-          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
-        : "l"(desc_a), "l"(desc_b), "n"(TransB), "r"(accumulate));
+#define DRDIFF_WGMMA_SS(ty)                                                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %35, 0;\n"                                                   \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." ty "." ty " " DRDIFF_WGMMA_D_REGS               \
+               "%32, %33, p, 1, 1, 0, %34;\n}\n"                                                              \
+               : DRDIFF_WGMMA_D_OPERANDS                                                                      \
+               : "l"(desc_a), "l"(desc_b), "n"(TransB), "r"(accumulate))
+    if constexpr (std::is_same_v<T, __half>) DRDIFF_WGMMA_SS("f16");
+    else DRDIFF_WGMMA_SS("bf16");
+#undef DRDIFF_WGMMA_SS
 #else
     (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
     __trap();
@@ -196,56 +200,8 @@ struct wgmma64<__nv_bfloat16> {
   }
 };
 
-template <>
-struct wgmma64<__half> {
-  template <int TransB, int O, int M>
-  DRDIFF_DEVICE static void mma(float (&d)[M][4], unsigned const (&a)[4], std::uint64_t desc, int accumulate) {
-    static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
-#if DRDIFF_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
-        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
-          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
-          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
-          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
-          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
-          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
-          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
-          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TransB), "r"(accumulate));
-#else
-    (void)d; (void)a; (void)desc; (void)accumulate;
-    __trap();
-#endif
-  }
-  /// The same with A in shared memory too (K-major, descriptor).
-  template <int TransB, int O, int M>
-  DRDIFF_DEVICE static void mma_ss(float (&d)[M][4], std::uint64_t desc_a, std::uint64_t desc_b, int accumulate) {
-    static_assert(O + 8 <= M, "wgmma64: accumulator block out of range");
-#if DRDIFF_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %35, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, %34;\n}\n"
-        : "+f"(d[O + 0][0]), "+f"(d[O + 0][1]), "+f"(d[O + 0][2]), "+f"(d[O + 0][3]),
-          "+f"(d[O + 1][0]), "+f"(d[O + 1][1]), "+f"(d[O + 1][2]), "+f"(d[O + 1][3]),
-          "+f"(d[O + 2][0]), "+f"(d[O + 2][1]), "+f"(d[O + 2][2]), "+f"(d[O + 2][3]),
-          "+f"(d[O + 3][0]), "+f"(d[O + 3][1]), "+f"(d[O + 3][2]), "+f"(d[O + 3][3]),
-          "+f"(d[O + 4][0]), "+f"(d[O + 4][1]), "+f"(d[O + 4][2]), "+f"(d[O + 4][3]),
-          "+f"(d[O + 5][0]), "+f"(d[O + 5][1]), "+f"(d[O + 5][2]), "+f"(d[O + 5][3]),
-          "+f"(d[O + 6][0]), "+f"(d[O + 6][1]), "+f"(d[O + 6][2]), "+f"(d[O + 6][3]),
-          "+f"(d[O + 7][0]), "+f"(d[O + 7][1]), "+f"(d[O + 7][2]), "+f"(d[O + 7][3])
-        : "l"(desc_a), "l"(desc_b), "n"(TransB), "r"(accumulate));
-#else
-    (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
-    __trap();
-#endif
-  }
-};
+#undef DRDIFF_WGMMA_D_OPERANDS
+#undef DRDIFF_WGMMA_D_REGS
 
 }  // namespace detail
 DRDIFF_NAMESPACE_END
