@@ -147,6 +147,9 @@ TEMPLATE_TEST_CASE("CUDA attention matches the reference for every pattern", "[a
   compare<TestType>(attn::local_window{12} | attn::dilated{3, 60} | attn::dilated{5, 100} |
                         attn::global_tokens::first(4), 2, 257, 2, d);
   compare<TestType>(attn::local_window{8} | attn::global_tokens::strided(9), 3, 190, 2, d, true);
+  // Global keys inside every tile's reach, run as the tail of the dilated pass, with padded batches.
+  compare<TestType>(attn::local_window{8} | attn::dilated{4, 64} | attn::global_tokens::strided(9), 3, 390, 2, d,
+                    true);
   compare<TestType>(test::documents{}, 2, 150, 2, d);
 }
 

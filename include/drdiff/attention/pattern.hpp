@@ -228,23 +228,27 @@ struct pattern {
         ring(phase, rate, a0, a0 + rows.count, lo, hi, keys, clean, f);
         return;
       }
-      default: {
-        // Exact when no row is global and no global key is within reach of the tile's rows (then
-        // no window or dilation can own a global key of these rows).
-        index_range const g = global_keys();
-        bool exact = !any_global_row(rows);
-        int const r = reach();
-        if (exact && r >= 0) {
-          long long const lo = static_cast<long long>(rows.start) - r;
-          long long const hi = static_cast<long long>(rows[rows.count - 1]) + r;
-          int const below_lo = lo <= 0 ? 0 : g.count_below(static_cast<int>(lo));
-          int const upto_hi = hi >= n ? g.count : g.count_below(static_cast<int>(hi) + 1);
-          exact = upto_hi == below_lo;
-        }
-        f(g, exact);
-        return;
-      }
+      default: global_key_segment(rows, f); return;
     }
+  }
+  /// The key segment of the global-key pass for any non-empty, increasing set of rows (the pass's own
+  /// tiles, or the rows of another pass's tile when a backend runs both passes in one): `f(keys,
+  /// exact)` once. Exact when no row is global and no global key is within reach of the rows (then
+  /// no window or dilation can own a global key of these rows).
+  DRDIFF_EXEC_CHECK_DISABLE
+  template <class F>
+  DRDIFF_HOST_DEVICE constexpr void global_key_segment(index_range rows, F&& f) const {
+    index_range const g = global_keys();
+    bool exact = !any_global_row(rows);
+    int const r = reach();
+    if (exact && r >= 0) {
+      long long const lo = static_cast<long long>(rows.start) - r;
+      long long const hi = static_cast<long long>(rows[rows.count - 1]) + r;
+      int const below_lo = lo <= 0 ? 0 : g.count_below(static_cast<int>(lo));
+      int const upto_hi = hi >= n ? g.count : g.count_below(static_cast<int>(hi) + 1);
+      exact = upto_hi == below_lo;
+    }
+    f(g, exact);
   }
 
   /// Row form of `owns` (optional member of the segment interface, used by the CPU kernel):

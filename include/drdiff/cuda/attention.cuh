@@ -6,7 +6,8 @@
 /// The policy is bound on the host for each head (per-head dilation rates are host memory; a
 /// global-token list must be device memory). Passes run as launches on ctx.stream in an order that
 /// keeps the running state of a row in one place: first the passes over ordinary rows (window,
-/// dilations, global keys; the state lives in the workspace between them, in fp32), then the
+/// dilations, global keys; the state lives in the workspace between them, in fp32; the tensor-core
+/// kernel runs the global-key pass as the tail of the last other one, in the same launch), then the
 /// global rows, split across key ranges and merged by log-sum-exp. A pattern of one pass (dense, a
 /// window alone) needs no state at all. Before each pass over ordinary rows a small kernel resolves
 /// the key segments of every query tile into a table in the workspace (the policy's visitor, one
@@ -56,6 +57,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     std::vector<seg_t<Policy>> heads;
     bool shared = true;               // every head binds to the same policy
     std::vector<int> plain, split;    // passes over ordinary rows, key-split passes (global rows)
+    bool tail_global = false;         // the last plain pass also runs the global-key pass (not launched)
     int split_keys = 0, splits = 0, part_rows = 0;
     std::size_t state_floats = 0, part_floats = 0;
     std::size_t seg_entries = 0;  // tiles × table entries of the largest plain pass (segment table)
@@ -84,6 +86,14 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
       if constexpr (std::is_same_v<seg_t<Policy>, attn::pattern>)
         is_split = pl.heads[0].kind(p) == attn::pass_kind::global_rows;
       (is_split ? pl.split : pl.plain).push_back(p);
+    }
+    // The tensor-core kernel runs the global-key pass inside the last other ordinary pass (its keys
+    // form a tail of that pass's stream): one launch and one round trip of the running state fewer.
+    if constexpr (tensor_cores && std::is_same_v<seg_t<Policy>, attn::pattern>) {
+      if (pl.plain.size() >= 2 && pl.heads[0].kind(pl.plain.back()) == attn::pass_kind::global_keys) {
+        pl.tail_global = true;
+        pl.plain.pop_back();
+      }
     }
     std::size_t const rows = std::size_t(a.batch) * a.heads * a.seq;
     if (pl.plain.size() > 1) pl.state_floats = rows * (2 + std::size_t(a.head_dim));
@@ -132,21 +142,23 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     return make_plan(policy, a).bytes();
   }
 
-  /// K/V stages and alignment slack of the tensor-core kernel on the current device: 3 stages where
-  /// they fit the per-block shared memory, else 2; the 1024-byte slack only on compute capability 9.0
+  /// K/V stages and alignment slack of the tensor-core kernel on the current device: the most stages
+  /// (3, else 2) with which the CTAs per SM the kernel is compiled for still fit the SM's shared
+  /// memory, else the most that fit one block; the 1024-byte slack only on compute capability 9.0
   /// (the wgmma path's 128-byte-swizzled tiles need 1024-byte alignment).
   struct kernel_shape {
     int stages = cuda_attention_max_stages;
     int slack = 0;
   };
   static constexpr int smem_bytes(int d, int stages, int slack) {
-    return (tile_rows + 2 * stages * 64) * d * int(sizeof(T)) + slack;
+    return (tile_rows + 2 * stages * cuda_attention_bn) * d * int(sizeof(T)) + slack;
   }
   template <int D, class Seg>
   static kernel_shape shape_for_device() {
-    int dev = 0, optin = 0, major = 0, minor = 0;
+    int dev = 0, optin = 0, per_sm = 0, major = 0, minor = 0;
     DRDIFF_CUDA_CHECK(cudaGetDevice(&dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
     cudaFuncAttributes fa{};
@@ -154,6 +166,11 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     kernel_shape k;
     k.slack = major == 9 && minor == 0 ? 1024 : 0;
     int const fixed = int(fa.sharedSizeBytes);  // static shared memory, the same for every stage count
+    int const blocks = cuda_attention_min_blocks(D);
+    for (k.stages = cuda_attention_max_stages; k.stages >= 2; --k.stages) {
+      int const bytes = smem_bytes(D, k.stages, k.slack) + fixed;
+      if (bytes <= optin && blocks * (bytes + 1024) <= per_sm) return k;  // 1 KB per block is the system's
+    }
     for (k.stages = cuda_attention_max_stages; k.stages >= 2; --k.stages)
       if (smem_bytes(D, k.stages, k.slack) + fixed <= optin) return k;
     DRDIFF_CHECK(false, "attention (cuda): head_dim = ", D, " needs ", smem_bytes(D, 2, k.slack) + fixed,
@@ -254,6 +271,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.pass = p;
         prm.first = i == 0;
         prm.last = i + 1 == pl.plain.size();
+        prm.tail_global = pl.tail_global && prm.last ? 1 : 0;
         prm.split_keys = 0;
         int const nt = tiles(p);
         if (nt == 0) continue;
@@ -276,6 +294,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
       for (int p : pl.split) {
         prm.pass = p;
         prm.first = prm.last = 1;
+        prm.tail_global = 0;
         prm.split_keys = pl.split_keys;
         int const nt = tiles(p);
         if (nt == 0) continue;

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -39,6 +40,13 @@ inline constexpr int cuda_attention_max_seq = (1 << 29) - 1;
 inline constexpr int cuda_attention_warps = DRDIFF_CUDA_ATTENTION_WARPS;
 static_assert(cuda_attention_warps == 4 || cuda_attention_warps == 8,
               "DRDIFF_CUDA_ATTENTION_WARPS must be 4 or 8 (64 or 128 query rows per tile)");
+#ifndef DRDIFF_CUDA_ATTENTION_BN
+#define DRDIFF_CUDA_ATTENTION_BN 64
+#endif
+/// Keys per chunk of the tensor-core kernel (one barrier, one max/sum reduction and two MMA waits per
+/// chunk).
+inline constexpr int cuda_attention_bn = DRDIFF_CUDA_ATTENTION_BN;
+static_assert(cuda_attention_bn == 64 || cuda_attention_bn == 128, "DRDIFF_CUDA_ATTENTION_BN must be 64 or 128");
 #ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64
 #define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 (16 / DRDIFF_CUDA_ATTENTION_WARPS)
 #endif
@@ -53,10 +61,15 @@ constexpr int cuda_attention_min_blocks(int d) {
   return d <= 64 ? DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 : DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128;
 }
 
+/// A tile's key segment; `exact` bit 0: every pair is owned by the pass; bit 1: the segment is the
+/// global-key pass's, run inside the tile's pass (cuda_seg_tail).
 struct cuda_segment {
   attn::index_range keys;
   int exact;
 };
+/// The global-key segment appended to a tile of the last ordinary pass (see cuda_attention_params::
+/// tail_global): it starts a new chunk of the key stream, so a chunk holds keys of one pass only.
+inline constexpr int cuda_seg_tail = 2;
 
 template <class T, class Seg>
 struct cuda_attention_params {
@@ -81,6 +94,9 @@ struct cuda_attention_params {
   float* st_l = nullptr;
   float* st_acc = nullptr;  ///< [batch·heads·seq·dim]
   int split_keys = 0;       ///< > 0: blockIdx.z covers keys [z·split_keys, (z+1)·split_keys)
+  /// 1: this pass also runs the global-key pass for its rows (attn::pattern only): each tile's stream
+  /// ends with the global-key segment, so that pass needs no launch and no state round trip.
+  int tail_global = 0;
   int part_rows = 0;        ///< rows of the split pass per (batch, head)
   float* part_m = nullptr;  ///< [splits][batch·heads][part_rows]
   float* part_l = nullptr;
@@ -103,32 +119,60 @@ struct cuda_segment_collector {
   int* n_out;
   int* seen;
   int skip, lo, hi;
+  int flag = 0;  ///< or-ed into `exact` (cuda_seg_tail)
   __device__ void operator()(attn::index_range keys, bool exact) const {
     int const a = lo <= 0 ? 0 : keys.count_below(lo);
     int const b = keys.count_below(hi);
     if (b <= a) return;
     int const idx = (*seen)++;
     if (idx < skip || idx >= skip + cuda_segment_batch) return;
-    out[idx - skip] = cuda_segment{keys.sub(a, b - a), exact ? 1 : 0};
+    out[idx - skip] = cuda_segment{keys.sub(a, b - a), (exact ? 1 : 0) | flag};
     ++*n_out;
   }
 };
 
-/// Runs the tile's segment visitor (one thread) and lays the collected segments out as one stream of
-/// keys: seg_start[s] is the stream position of segment s. Kept out of line so the visitor's
-/// registers do not count against the kernel's main loop.
+/// Calls `f` on the key segments of tile t of pass `pass`, then, with `tail`, on the global-key
+/// segment of the same rows (flagged cuda_seg_tail).
 template <class Seg>
-__device__ __noinline__ void cuda_collect_segments(Seg const& seg, int pass, int t, cuda_segment* segs, int* n_segs,
-                                                   int* seen, int* seg_start, int skip, int lo, int hi) {
-  *n_segs = 0;
-  *seen = 0;
-  seg.for_each_segment(pass, t, cuda_segment_collector{segs, n_segs, seen, skip, lo, hi});
+__device__ inline void cuda_visit_segments(Seg const& seg, int pass, int t, bool tail, cuda_segment_collector f) {
+  seg.for_each_segment(pass, t, f);
+  if constexpr (std::is_same_v<Seg, attn::pattern>) {
+    if (tail) {
+      attn::index_range const rows = seg.q_tile(pass, t);
+      f.flag = cuda_seg_tail;
+      if (!rows.empty()) seg.global_key_segment(rows, f);
+    }
+  }
+}
+
+/// Lays segments out as one stream of keys: seg_start[s] is the stream position of segment s, and
+/// seg_start[n] the stream's length. The tail segment starts at the next multiple of `chunk`
+/// (positions in the gap hold no key); *tail_chunk receives its first chunk (INT_MAX: no tail).
+__device__ inline void cuda_layout_segments(cuda_segment const* segs, int n, int chunk, int* seg_start,
+                                            int* tail_chunk) {
   int keys = 0;
-  for (int s = 0; s < *n_segs; ++s) {
+  *tail_chunk = INT_MAX;
+  for (int s = 0; s < n; ++s) {
+    if (segs[s].exact & cuda_seg_tail) {
+      keys = (keys + chunk - 1) / chunk * chunk;
+      *tail_chunk = keys / chunk;
+    }
     seg_start[s] = keys;
     keys += segs[s].keys.count;
   }
-  seg_start[*n_segs] = keys;
+  seg_start[n] = keys;
+}
+
+/// Runs the tile's segment visitor (one thread) and lays the collected segments out as one stream of
+/// keys. Kept out of line so the visitor's registers do not count against the kernel's main loop.
+template <class Seg>
+__device__ __noinline__ void cuda_collect_segments(Seg const& seg, int pass, int t, bool tail, int chunk,
+                                                   cuda_segment* segs, int* n_segs, int* seen, int* seg_start,
+                                                   int* tail_chunk, int skip, int lo, int hi) {
+  *n_segs = 0;
+  *seen = 0;
+  cuda_visit_segments(seg, pass, t, tail, cuda_segment_collector{segs, n_segs, seen, skip, lo, hi});
+  cuda_layout_segments(segs, *n_segs, chunk, seg_start, tail_chunk);
 }
 
 /// Resolves the key segments of every query tile of one pass (one thread per tile and table entry)
@@ -145,8 +189,8 @@ __global__ void attention_segments_kernel(__grid_constant__ const cuda_attention
     return;
   }
   int n = 0, seen = 0;
-  p.table[e].for_each_segment(p.pass, t,
-                              cuda_segment_collector{table + at * cuda_segment_batch, &n, &seen, 0, 0, p.seq});
+  cuda_visit_segments(p.table[e], p.pass, t, p.tail_global != 0,
+                      cuda_segment_collector{table + at * cuda_segment_batch, &n, &seen, 0, 0, p.seq});
   count[at] = seen > cuda_segment_batch ? -1 : n;
 }
 
@@ -172,7 +216,7 @@ template <class T, int D, int S, class Seg>
 __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_blocks(D))
     attention_mma_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
   static_assert(S == 2 || S == 3, "attention: 2 or 3 K/V stages (4 key slots hold chunks c .. c + S)");
-  constexpr int BM = 16 * cuda_attention_warps, BN = 64, CH = D / 8, NT = 32 * cuda_attention_warps;
+  constexpr int BM = 16 * cuda_attention_warps, BN = cuda_attention_bn, CH = D / 8, NT = 32 * cuda_attention_warps;
   using ops = mma16<T>;
   static_assert(!DRDIFF_WGMMA || BM % 64 == 0, "attention: the wgmma path runs whole warpgroups (4 warps, 64 rows)");
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -189,6 +233,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
   auto* const segs = reinterpret_cast<cuda_segment*>(segs_raw);  // (index_range has a constructor)
   __shared__ int n_segs, seen;
   __shared__ int seg_start[cuda_segment_batch + 1];
+  __shared__ int tail_chunk;  // first chunk of the global-key tail (INT_MAX: none)
   // Key index per row of chunks c .. c + 3 (slot c % 4); cuda_no_key: none.
   __shared__ __align__(16) int kidx[4][BN];
   __shared__ int kexact[4];  // chunk needs no mask
@@ -256,15 +301,14 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
       }
     }
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
+    for (int x = 0; x < 2; ++x) {
+      float const* src = nullptr;
+      if (!p.first && lr[x] < cnt) src = p.st_acc + cuda_state_row(p, b, h, rows[lr[x]], t * BM + r0 + lr[x]) * D;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int const x = e / 2;
-        acc[dt][e] = 0.f;
-        if (!p.first && lr[x] < cnt) {
-          std::int64_t const sr = cuda_state_row(p, b, h, rows[lr[x]], t * BM + r0 + lr[x]);
-          acc[dt][e] = p.st_acc[sr * D + dt * 8 + tig * 2 + (e & 1)];
-        }
+      for (int dt = 0; dt < D / 8; ++dt) {
+        float2 const v = src ? *reinterpret_cast<float2 const*>(src + dt * 8 + tig * 2) : make_float2(0.f, 0.f);
+        acc[dt][2 * x] = v.x;
+        acc[dt][2 * x + 1] = v.y;
       }
     }
 
@@ -287,20 +331,19 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         int const n = p.seg_table && skip == 0 ? p.seg_count[at] : -1;
         if (n >= 0) {  // resolved before the launch: clip to this batch's keys, lay out the stream
           cuda_segment const* const src = p.seg_table + at * cuda_segment_batch;
-          int keys = 0, out = 0;
+          int out = 0;
           for (int s = 0; s < n; ++s) {
             cuda_segment sg = src[s];
             int const c = key_hi < p.seq ? sg.keys.count_below(key_hi) : sg.keys.count;
-            if (c <= 0) break;  // segments come in increasing key order
+            if (c <= 0) continue;
             sg.keys.count = c;
-            segs[out] = sg;
-            seg_start[out++] = keys;
-            keys += c;
+            segs[out++] = sg;
           }
           n_segs = seen = out;
-          seg_start[out] = keys;
+          cuda_layout_segments(segs, out, BN, seg_start, &tail_chunk);
         } else {
-          cuda_collect_segments(seg, pass, t, segs, &n_segs, &seen, seg_start, skip, key_lo, key_hi);
+          cuda_collect_segments(seg, pass, t, p.tail_global != 0, BN, segs, &n_segs, &seen, seg_start, &tail_chunk,
+                                skip, key_lo, key_hi);
         }
       }
       __syncthreads();
@@ -321,16 +364,22 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           if (gk < total_keys) {
             int s = 0;
             while (seg_start[s + 1] <= gk) ++s;
-            j = segs[s].keys[gk - seg_start[s]];
+            int const o = gk - seg_start[s];
+            if (o < segs[s].keys.count) j = segs[s].keys[o];  // else: the gap before the tail
           }
           kidx[slot][r] = j;
         }
-        if (tid == NT - 1) {  // a chunk needs no mask when it is full and every segment it touches is exact
+        if (tid == NT - 1) {  // a chunk needs no mask when segments cover it and each one it touches is exact
           int const k0 = c * BN, k1 = k0 + BN;
-          bool ex = k1 <= total_keys;
-          for (int s = 0; ex && s < ns; ++s)
-            if (seg_start[s] < k1 && seg_start[s + 1] > k0 && !segs[s].exact) ex = false;
-          kexact[slot] = ex ? 1 : 0;
+          int covered = 0;
+          bool ex = true;
+          for (int s = 0; ex && s < ns; ++s) {
+            int const a = max(k0, seg_start[s]), e = min(k1, seg_start[s] + segs[s].keys.count);
+            if (e <= a) continue;
+            covered += e - a;
+            ex = (segs[s].exact & 1) != 0;
+          }
+          kexact[slot] = ex && covered == BN ? 1 : 0;
         }
       };
       auto load_chunk = [&](int stage, int c) {
@@ -377,10 +426,13 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         // S = Q·Kᵀ: one warpgroup MMA per 16 columns of D, Q and K read from shared memory (K-major).
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          wgmma64<T>::template mma_ss<0, 0>(s, wgmma_desc_sw128(sq + ((kk >> 2) * BM + (warp >> 2) * 64) * 64 +
-                                                                (kk & 3) * 16),
-                                            wgmma_desc_sw128(ck + (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          std::uint64_t const dq = wgmma_desc_sw128(sq + ((kk >> 2) * BM + (warp >> 2) * 64) * 64 + (kk & 3) * 16);
+          wgmma64<T>::template mma_ss<0, 0>(s, dq, wgmma_desc_sw128(ck + (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
+          if constexpr (BN == 128)  // keys 64 .. 127: columns 64 .. 127 of S
+            wgmma64<T>::template mma_ss<0, 8>(s, dq, wgmma_desc_sw128(ck + ((kk >> 2) * BN + 64) * 64 + (kk & 3) * 16),
+                                              kk > 0);
+        }
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
@@ -422,7 +474,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
           }
           mx[0] *= fabsf(sc);
           mx[1] *= fabsf(sc);
-        } else if (band) {
+        } else if (band && c < tail_chunk) {
           int lo[2];  // rows this pass does not own get a bound no distance reaches
 #pragma unroll
           for (int x = 0; x < 2; ++x) lo[x] = row_live[x] ? band_lo : 0x60000000;
@@ -438,6 +490,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
             }
           }
         } else {
+          attn::pass_kind const ck_kind = c < tail_chunk ? kind : attn::pass_kind::global_keys;
 #pragma unroll
           for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
@@ -445,7 +498,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
               int const x = e / 2, j = keys[nt * 8 + tig * 2 + (e & 1)];
               bool ok = j >= 0 && row_live[x];
               if constexpr (std::is_same_v<Seg, attn::pattern>) {
-                ok = ok && seg.owns_segment_key(kind, comp, row_id[x], j);
+                ok = ok && seg.owns_segment_key(ck_kind, comp, row_id[x], j);
               } else {
                 ok = ok && seg.owns(pass, row_id[x], j);
               }
