@@ -726,6 +726,9 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
 // ---------------------------------------------------------------------------------------------------
 // Merge of the key-split partial states of a pass (global rows): one block per (row, batch·head).
 
+/// Most key splits of a global-row pass (the merge weighs them in one warp, two per lane).
+inline constexpr int cuda_max_splits = 64;
+
 template <class T, class Seg>
 __global__ void attention_merge_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p, int splits) {
   int const pr = blockIdx.x;  // row of the split pass
@@ -739,25 +742,46 @@ __global__ void attention_merge_kernel(__grid_constant__ const cuda_attention_pa
   int const row = rows[r];
   std::int64_t const bh = std::int64_t(b) * p.heads + h;
   auto at = [&](int z) { return (std::int64_t(z) * p.batch * p.heads + bh) * p.part_rows + pr; };
-  float mx = -INFINITY;
-  for (int z = 0; z < splits; ++z) mx = fmaxf(mx, p.part_m[at(z)]);
-  float l = 0.f;
-  for (int z = 0; z < splits; ++z) {
-    float const mz = p.part_m[at(z)];
-    if (mz != -INFINITY) l += p.part_l[at(z)] * exp2f(mz - mx);
+  __shared__ float w[cuda_max_splits];  // weight of split z: 2^(m_z − max), 0 for a split with no key
+  __shared__ float inv_l;
+  if (threadIdx.x < 32) {  // one warp weighs the splits: lane z and z + 32
+    int const lane = int(threadIdx.x);
+    float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      int const z = lane + 32 * k;
+      if (z < splits) {
+        m2[k] = p.part_m[at(z)];
+        l2[k] = p.part_l[at(z)];
+      }
+    }
+    float mx = fmaxf(m2[0], m2[1]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float l = 0.f;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      float const wz = m2[k] == -INFINITY ? 0.f : exp2f(m2[k] - mx);
+      if (lane + 32 * k < splits) w[lane + 32 * k] = wz;
+      l += l2[k] * wz;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) {
+      inv_l = l > 0.f ? 1.f / l : 0.f;
+      if (p.lse) p.lse[bh * p.seq + row] = l > 0.f ? (mx + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    }
   }
-  float const inv = l > 0.f ? 1.f / l : 0.f;
+  __syncthreads();
+  float const inv = inv_l;
   T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
   for (int d = threadIdx.x; d < p.dim; d += blockDim.x) {
     float a = 0.f;
-    for (int z = 0; z < splits; ++z) {
-      float const mz = p.part_m[at(z)];
-      if (mz != -INFINITY) a += p.part_acc[at(z) * p.dim + d] * exp2f(mz - mx);
-    }
+#pragma unroll 4
+    for (int z = 0; z < splits; ++z)
+      if (w[z] != 0.f) a += p.part_acc[at(z) * p.dim + d] * w[z];
     o[d] = T(a * inv);
   }
-  if (threadIdx.x == 0 && p.lse)
-    p.lse[bh * p.seq + row] = l > 0.f ? (mx + log2f(l)) * 0.69314718055994531f : -INFINITY;
 }
 
 }  // namespace detail
