@@ -2,12 +2,15 @@
 # The GPU lane, run on the GPU machine (CUDA 13, cmake, Google Benchmark, PyTorch; no Eigen, no
 # Catch2, no registry). Carry the git-ignored .deps/ folder made here by scripts/gpu_deps.sh.
 #
-#   scripts/gpu_lane.sh [quick]
+#   scripts/gpu_lane.sh [full|quick|tests|bench]
 #
 # Builds the CUDA tests and benchmarks (sm_90a; the attention tests also for plain sm_90), runs the CUDA tests, compute-sanitizer memcheck and
-# racecheck on the attention and anchor tests, the solver-update, MoE, rounding and attention benchmarks (JSON in $OUT or out/), the
+# racecheck on the attention and anchor tests, the solver-update, MoE, rounding, model and attention benchmarks (JSON in $OUT or out/), the
 # side-by-side comparison with PyTorch (bench/compare/compare.py), and prints a short table.
-# `quick` skips the sanitizers and the PyTorch comparison.
+# `quick` skips the sanitizers and the PyTorch comparison; `tests` runs the tests and sanitizers only; `bench` the benchmarks and the
+# comparison only (the two halves of `full`, for machines that limit one command's time).
+# DRDIFF_GPU_PREBUILT=1: take the binaries already in the build folder (built on the dev machine with
+# scripts/build.sh and carried; they run there) instead of configuring and building, and run the test programs directly.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps=$root/.deps
@@ -21,20 +24,31 @@ export LD_LIBRARY_PATH="$deps/lib/runtime:${LD_LIBRARY_PATH:-}"
 nvidia-smi -q > "$out/nvidia-smi.txt" 2>&1 || true
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
-cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.cuda.mma \
-  drdiff.test.attention.policy.cuda \
-  drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda \
-  drdiff.bench.attention.cuda drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda \
-  drdiff.bench.model.cuda > "$out/build.log" 2>&1 \
-  || { tail -50 "$out/build.log"; exit 1; }
+if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
+  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
+  cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.cuda.mma \
+    drdiff.test.attention.policy.cuda \
+    drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda \
+    drdiff.bench.attention.cuda drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda \
+    drdiff.bench.model.cuda > "$out/build.log" 2>&1 \
+    || { tail -50 "$out/build.log"; exit 1; }
+fi
 
 status=0
+if [ "$mode" != bench ]; then
 echo "== CUDA tests"
-(cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model)') > "$out/ctest_cuda.log" 2>&1 || status=1
-grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
-if [ "$mode" != quick ]; then
+if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
+  (cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model)') > "$out/ctest_cuda.log" 2>&1 || status=1
+  grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
+else
+  for t in attention.cuda attention.cuda.mma attention.policy.cuda solver.cuda router.cuda anchor.cuda model.cuda; do
+    "$build/test/drdiff.test.$t" > "$out/test_$t.log" 2>&1 && echo "drdiff.test.$t: $(tail -1 "$out/test_$t.log")" \
+      || { echo "drdiff.test.$t: FAILED (see $out/test_$t.log)"; status=1; }
+  done
+fi
+fi
+if [ "$mode" = full ] || [ "$mode" = tests ]; then
   echo "== compute-sanitizer"
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 "$build/test/drdiff.test.attention.cuda" \
@@ -45,6 +59,7 @@ if [ "$mode" != quick ]; then
       && echo "$tool (anchor): clean" || { echo "$tool: FAILED (see $out/sanitizer_anchor_$tool.log)"; status=1; }
   done
 fi
+[ "$mode" = tests ] && exit $status
 echo "== benchmarks"
 "$build/bench/drdiff.bench.solver.cuda" --benchmark_out="$out/bench_solver_cuda.json" --benchmark_out_format=json \
   2>&1 | grep -E '^BM_' | tee "$out/bench_solver_cuda.txt" || status=1
@@ -56,7 +71,7 @@ echo "== benchmarks"
   2>&1 | grep -E '^BM_' | tee "$out/bench_model_cuda.txt" || status=1
 "$build/bench/drdiff.bench.attention.cuda" --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json \
   > "$out/bench_cuda.txt" 2>&1 || status=1
-if [ "$mode" != quick ] && python3 -c "import torch" 2>/dev/null; then
+if { [ "$mode" = full ] || [ "$mode" = bench ]; } && python3 -c "import torch" 2>/dev/null; then
   echo "== PyTorch comparison"
   python3 "$root/bench/compare/compare.py" --ours "$out/bench_cuda.json" | tee "$out/compare.txt" || status=1
 fi
