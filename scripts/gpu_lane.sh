@@ -43,7 +43,7 @@ if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
   grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 else
   for t in attention.cuda attention.cuda.mma attention.policy.cuda solver.cuda router.cuda anchor.cuda model.cuda; do
-    "$build/test/drdiff.test.$t" > "$out/test_$t.log" 2>&1 && echo "drdiff.test.$t: $(tail -1 "$out/test_$t.log")" \
+    "$build/test/drdiff.test.$t" > "$out/test_$t.log" 2>&1 && echo "drdiff.test.$t: $(grep -E "tests passed|test cases" "$out/test_$t.log" | tail -1)" \
       || { echo "drdiff.test.$t: FAILED (see $out/test_$t.log)"; status=1; }
   done
 fi
