@@ -17,6 +17,7 @@ deps=$root/.deps
 out=${OUT:-$root/out}
 build=${DRDIFF_GPU_BUILD_DIR:-$root/build-gpu}
 mode=${1:-full}
+case "$mode" in full|quick|tests|bench) ;; *) echo "gpu_lane: unknown mode '$mode' (full, quick, tests or bench)" >&2; exit 2 ;; esac
 [ -d "$deps/include/catch2" ] || { echo "gpu_lane: no .deps/ (run scripts/gpu_deps.sh on the dev machine and carry .deps)" >&2; exit 1; }
 mkdir -p "$out"
 export LD_LIBRARY_PATH="$deps/lib/runtime:${LD_LIBRARY_PATH:-}"

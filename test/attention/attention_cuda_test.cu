@@ -141,6 +141,9 @@ TEMPLATE_TEST_CASE("CUDA attention matches the reference for every pattern", "[a
   compare<TestType>(attn::dilated{2, 90, rates}, 1, 211, 3, d);  // per-head dilation
   // Per-head rates give the heads different tile counts in a pass that is not the last one.
   compare<TestType>(attn::local_window{12} | attn::dilated{2, 90, rates}, 1, 211, 3, d);
+  // The same with global tokens: each head's dilated tiles carry the global keys as their tail.
+  compare<TestType>(attn::local_window{12} | attn::dilated{2, 90, rates} | attn::global_tokens::strided(9), 2, 211,
+                    3, d, true);
   compare<TestType>(attn::global_tokens::first(5), 1, 100, 2, d);
   compare<TestType>(attn::global_tokens::strided(7), 1, 300, 1, d);
   compare<TestType>(attn::global_tokens::first(70), 1, 70, 1, d);  // G = N

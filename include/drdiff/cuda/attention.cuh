@@ -158,10 +158,11 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   }
   template <int D, class Seg>
   static kernel_shape shape_for_device() {
-    int dev = 0, optin = 0, per_sm = 0, major = 0, minor = 0;
+    int dev = 0, optin = 0, per_sm = 0, reserved = 0, major = 0, minor = 0;
     DRDIFF_CUDA_CHECK(cudaGetDevice(&dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
     cudaFuncAttributes fa{};
@@ -172,7 +173,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     int const blocks = cuda_attention_min_blocks(D);
     for (k.stages = cuda_attention_max_stages; k.stages >= 2; --k.stages) {
       int const bytes = smem_bytes(D, k.stages, k.slack) + fixed;
-      if (bytes <= optin && blocks * (bytes + 1024) <= per_sm) return k;  // 1 KB per block is the system's
+      if (bytes <= optin && blocks * (bytes + reserved) <= per_sm) return k;  // the system reserves some per block
     }
     for (k.stages = cuda_attention_max_stages; k.stages >= 2; --k.stages)
       if (smem_bytes(D, k.stages, k.slack) + fixed <= optin) return k;

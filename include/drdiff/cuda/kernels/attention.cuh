@@ -2,7 +2,7 @@
 /// \file
 /// CUDA attention kernels. One CTA runs one query tile of one pass of one (batch, head): it takes
 /// the tile's key segments (resolved by a pre-pass kernel, or by the policy's visitor run by one
-/// thread), then walks them in chunks of 64 keys with the online softmax. 16-bit types use tensor
+/// thread), then walks them in chunks of 64 keys (cuda_attention_bn) with the online softmax. 16-bit types use tensor
 /// cores: warpgroup MMA (wgmma) when compiled for sm_90a, mma.sync m16n8k16 with ldmatrix elsewhere;
 /// K/V arrive through two or three cp.async stages. fp32 runs a SIMT kernel meant for testing. Global-row
 /// passes are split across key ranges and merged by log-sum-exp.
@@ -209,7 +209,7 @@ __device__ inline std::int64_t cuda_state_row(P const& p, int b, int h, int row,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Tensor-core kernel: `cuda_attention_warps` warps × 16 query rows, chunks of 64 keys, head_dim D
+// Tensor-core kernel: `cuda_attention_warps` warps × 16 query rows, chunks of cuda_attention_bn keys, head_dim D
 // (64 or 128).
 
 template <class T, int D, int S, class Seg>
@@ -689,7 +689,7 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
           __syncthreads();
           if (active) {
             for (int r = 0; r < kc; ++r) {
-              if (!sg.exact && !seg.owns(pass, row, key_idx[r])) continue;
+              if (!(sg.exact & 1) && !seg.owns(pass, row, key_idx[r])) continue;
               float dot = 0.f;
               for (int d = 0; d < D; ++d) dot += q[d] * sk[r * D + d];
               float const sc = dot * p.scale_log2;
