@@ -386,12 +386,14 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         T* const dk = sk + stage * BN * D;
         T* const dv = sv + stage * BN * D;
         int const* const kx = kidx[c & 3];
+        static_assert(BN * CH % NT == 0, "attention: every thread copies the same number of 16-byte pieces");
 #pragma unroll
-        for (int idx = tid; idx < BN * CH; idx += NT) {
-          int const r = idx / CH, ch = idx % CH, j = kx[r];
-          bool const ok = j >= 0;
-          cp_async_16(dk + swz(r, ch), ok ? kb + std::int64_t(j) * p.ks.seq + ch * 8 : kb, ok ? 16 : 0);
-          cp_async_16(dv + swz(r, ch), ok ? vb + std::int64_t(j) * p.vs.seq + ch * 8 : vb, ok ? 16 : 0);
+        for (int i = 0; i < BN * CH / NT; ++i) {  // a fixed trip count: unrolled without branches
+          int const idx = tid + i * NT, r = idx / CH, ch = idx % CH, j = kx[r];
+          std::int64_t const row = std::int64_t(max(j, 0));  // an empty slot reads key 0 and copies zeros
+          int const bytes = j >= 0 ? 16 : 0;
+          cp_async_16(dk + swz(r, ch), kb + row * p.ks.seq + ch * 8, bytes);
+          cp_async_16(dv + swz(r, ch), vb + row * p.vs.seq + ch * 8, bytes);
         }
       };
       for (int c = 0; c < S && c < total; ++c) fill_keys(c);
