@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
 #pragma unroll
         for (int i = 0; i < BN * CH / NT; ++i) {  // a fixed trip count: unrolled without branches
           int const idx = tid + i * NT, r = idx / CH, ch = idx % CH, j = kx[r];
-          std::int64_t const row = std::int64_t(max(j, 0));  // an empty slot reads key 0 and copies zeros
+          std::int64_t const row = unsigned(max(j, 0));  // zero-extended; an empty slot reads key 0, copies zeros
           int const bytes = j >= 0 ? 16 : 0;
           cp_async_16(dk + swz(r, ch), kb + row * p.ks.seq + ch * 8, bytes);
           cp_async_16(dv + swz(r, ch), vb + row * p.vs.seq + ch * 8, bytes);
