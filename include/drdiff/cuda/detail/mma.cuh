@@ -106,6 +106,13 @@ DRDIFF_DEVICE std::uint64_t wgmma_desc_sw128(void const* smem) {
   d |= std::uint64_t(1) << 62;          // 128-byte swizzle
   return d;
 }
+/// The descriptor of the tile `elems` elements of T further on (a multiple of 8 elements: 16 bytes):
+/// one add to the start-address field, which cannot carry out of it (shared addresses are below
+/// 256 KB).
+template <class T>
+DRDIFF_DEVICE std::uint64_t wgmma_desc_advance(std::uint64_t desc, int elems) {
+  return desc + std::uint64_t(unsigned(elems) * unsigned(sizeof(T)) >> 4);
+}
 DRDIFF_DEVICE void wgmma_fence() {
 #if DRDIFF_WGMMA
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

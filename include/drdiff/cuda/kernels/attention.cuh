@@ -427,12 +427,15 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
 #if DRDIFF_WGMMA
         // S = Q·Kᵀ: one warpgroup MMA per 16 columns of D, Q and K read from shared memory (K-major).
         wgmma_fence();
+        // (Descriptors: one per tile base, then constant steps — the address arithmetic is per chunk.)
+        std::uint64_t const dq0 = wgmma_desc_sw128(sq + (warp >> 2) * 64 * 64), dk0 = wgmma_desc_sw128(ck);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-          std::uint64_t const dq = wgmma_desc_sw128(sq + ((kk >> 2) * BM + (warp >> 2) * 64) * 64 + (kk & 3) * 16);
-          wgmma64<T>::template mma_ss<0, 0>(s, dq, wgmma_desc_sw128(ck + (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
+          std::uint64_t const dq = wgmma_desc_advance<T>(dq0, (kk >> 2) * BM * 64 + (kk & 3) * 16);
+          wgmma64<T>::template mma_ss<0, 0>(s, dq, wgmma_desc_advance<T>(dk0, (kk >> 2) * BN * 64 + (kk & 3) * 16),
+                                            kk > 0);
           if constexpr (BN == 128)  // keys 64 .. 127: columns 64 .. 127 of S
-            wgmma64<T>::template mma_ss<0, 8>(s, dq, wgmma_desc_sw128(ck + ((kk >> 2) * BN + 64) * 64 + (kk & 3) * 16),
+            wgmma64<T>::template mma_ss<0, 8>(s, dq, wgmma_desc_advance<T>(dk0, ((kk >> 2) * BN + 64) * 64 + (kk & 3) * 16),
                                               kk > 0);
         }
         wgmma_commit();
@@ -549,11 +552,12 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
             pa[kk][3] = ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
           }
           wgmma_fence();
+          std::uint64_t const dv0 = wgmma_desc_sw128(cv);
 #pragma unroll
           for (int kk = 0; kk < BN / 16; ++kk) {
-            wgmma64<T>::template mma<1, 0>(acc, pa[kk], wgmma_desc_sw128(cv + kk * 16 * 64), 1);
+            wgmma64<T>::template mma<1, 0>(acc, pa[kk], wgmma_desc_advance<T>(dv0, kk * 16 * 64), 1);
             if constexpr (D == 128)
-              wgmma64<T>::template mma<1, D / 8 - 8>(acc, pa[kk], wgmma_desc_sw128(cv + BN * 64 + kk * 16 * 64), 1);
+              wgmma64<T>::template mma<1, D / 8 - 8>(acc, pa[kk], wgmma_desc_advance<T>(dv0, BN * 64 + kk * 16 * 64), 1);
           }
           wgmma_commit();
           wgmma_wait<0>();
