@@ -312,12 +312,14 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
       }
     }
 
-    // Query rows → shared memory.
-    for (int idx = tid; idx < BM * CH; idx += NT) {
-      int const r = idx / CH, c = idx % CH;
-      bool const ok = r < cnt;
-      T const* src = ok ? qb + rows[r] * p.qs.seq + c * 8 : qb;
-      cp_async_16(sq + swz_q(r, c), src, ok ? 16 : 0);
+    // Query rows → shared memory (a fixed trip count; rows past the tile read its first row and
+    // copy zeros).
+    static_assert(BM * CH % NT == 0, "attention: every thread copies the same number of Q pieces");
+#pragma unroll
+    for (int i = 0; i < BM * CH / NT; ++i) {
+      int const idx = tid + i * NT, r = idx / CH, c = idx % CH;
+      std::int64_t const row = unsigned(rows[r < cnt ? r : 0]);
+      cp_async_16(sq + swz_q(r, c), qb + row * p.qs.seq + c * 8, r < cnt ? 16 : 0);
     }
     cp_async_commit();
 #if !DRDIFF_WGMMA
