@@ -4,8 +4,8 @@
 #   scripts/attention_variants.sh OUTDIR NAME="-DMACRO=V ..." [NAME="..."] ...
 #
 # Each NAME gets OUTDIR/bench_attention_NAME, compiled from bench/attention/attention_cuda_bench.cu
-# with the configured build's flags (build/) plus the given macros (DRDIFF_CUDA_ATTENTION_BN,
-# DRDIFF_CUDA_ATTENTION_WARPS, DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64, ...), and ptxas's register and
+# with the configured build's flags (build/) plus the given macros (DRDIFF_CUDA_ATTENTION_WARPS,
+# DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64, ...), and ptxas's register and
 # spill report in OUTDIR/ptxas_NAME.txt. Run them with the .deps runtime libraries on the GPU machine.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

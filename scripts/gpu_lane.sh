@@ -25,14 +25,14 @@ export LD_LIBRARY_PATH="$deps/lib/runtime:${LD_LIBRARY_PATH:-}"
 nvidia-smi -q > "$out/nvidia-smi.txt" 2>&1 || true
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$out/gpu.txt"
 
+# The CUDA test programs and benchmarks (one list for the build, the prebuilt run and the benchmarks).
+tests=(attention.cuda attention.cuda.mma attention.policy.cuda solver.cuda router.cuda anchor.cuda model.cuda)
+benches=(attention solver moe round model)
 if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF > "$out/configure.log"
-  cmake --build "$build" -j "$(nproc)" --target drdiff.test.attention.cuda drdiff.test.attention.cuda.mma \
-    drdiff.test.attention.policy.cuda \
-    drdiff.test.solver.cuda drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda \
-    drdiff.bench.attention.cuda drdiff.bench.solver.cuda drdiff.bench.moe.cuda drdiff.bench.round.cuda \
-    drdiff.bench.model.cuda > "$out/build.log" 2>&1 \
+  cmake --build "$build" -j "$(nproc)" --target "${tests[@]/#/drdiff.test.}" \
+    $(printf 'drdiff.bench.%s.cuda ' "${benches[@]}") > "$out/build.log" 2>&1 \
     || { tail -50 "$out/build.log"; exit 1; }
 fi
 
@@ -43,7 +43,7 @@ if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
   (cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model)') > "$out/ctest_cuda.log" 2>&1 || status=1
   grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 else
-  for t in attention.cuda attention.cuda.mma attention.policy.cuda solver.cuda router.cuda anchor.cuda model.cuda; do
+  for t in "${tests[@]}"; do
     "$build/test/drdiff.test.$t" > "$out/test_$t.log" 2>&1 && echo "drdiff.test.$t: $(grep -E "tests passed|test cases" "$out/test_$t.log" | tail -1)" \
       || { echo "drdiff.test.$t: FAILED (see $out/test_$t.log)"; status=1; }
   done

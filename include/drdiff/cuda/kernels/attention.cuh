@@ -40,13 +40,9 @@ inline constexpr int cuda_attention_max_seq = (1 << 29) - 1;
 inline constexpr int cuda_attention_warps = DRDIFF_CUDA_ATTENTION_WARPS;
 static_assert(cuda_attention_warps == 4 || cuda_attention_warps == 8,
               "DRDIFF_CUDA_ATTENTION_WARPS must be 4 or 8 (64 or 128 query rows per tile)");
-#ifndef DRDIFF_CUDA_ATTENTION_BN
-#define DRDIFF_CUDA_ATTENTION_BN 64
-#endif
 /// Keys per chunk of the tensor-core kernel (one barrier, one max/sum reduction and two MMA waits per
-/// chunk).
-inline constexpr int cuda_attention_bn = DRDIFF_CUDA_ATTENTION_BN;
-static_assert(cuda_attention_bn == 64 || cuda_attention_bn == 128, "DRDIFF_CUDA_ATTENTION_BN must be 64 or 128");
+/// chunk; 128 measured slower on H100 at every occupancy, docs/benchmarks.md).
+inline constexpr int cuda_attention_bn = 64;
 #ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64
 #define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 (16 / DRDIFF_CUDA_ATTENTION_WARPS)
 #endif
@@ -61,15 +57,14 @@ constexpr int cuda_attention_min_blocks(int d) {
   return d <= 64 ? DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 : DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128;
 }
 
-/// A tile's key segment; `exact` bit 0: every pair is owned by the pass; bit 1: the segment is the
-/// global-key pass's, run inside the tile's pass (cuda_seg_tail).
+/// A tile's key segment. `exact`: every pair (row of the tile, key) is owned by the pass. `tail`: the
+/// global-key segment appended to a tile of the last ordinary pass (cuda_attention_params::
+/// tail_global); it starts a new chunk of the key stream, so a chunk holds keys of one pass only.
 struct cuda_segment {
   attn::index_range keys;
   int exact;
+  int tail;
 };
-/// The global-key segment appended to a tile of the last ordinary pass (see cuda_attention_params::
-/// tail_global): it starts a new chunk of the key stream, so a chunk holds keys of one pass only.
-inline constexpr int cuda_seg_tail = 2;
 
 template <class T, class Seg>
 struct cuda_attention_params {
@@ -119,27 +114,27 @@ struct cuda_segment_collector {
   int* n_out;
   int* seen;
   int skip, lo, hi;
-  int flag = 0;  ///< or-ed into `exact` (cuda_seg_tail)
+  int tail = 0;  ///< marks the segments collected (the global-key tail)
   __device__ void operator()(attn::index_range keys, bool exact) const {
     int const a = lo <= 0 ? 0 : keys.count_below(lo);
     int const b = keys.count_below(hi);
     if (b <= a) return;
     int const idx = (*seen)++;
     if (idx < skip || idx >= skip + cuda_segment_batch) return;
-    out[idx - skip] = cuda_segment{keys.sub(a, b - a), (exact ? 1 : 0) | flag};
+    out[idx - skip] = cuda_segment{keys.sub(a, b - a), exact ? 1 : 0, tail};
     ++*n_out;
   }
 };
 
 /// Calls `f` on the key segments of tile t of pass `pass`, then, with `tail`, on the global-key
-/// segment of the same rows (flagged cuda_seg_tail).
+/// segment of the same rows (marked as the tail).
 template <class Seg>
 __device__ inline void cuda_visit_segments(Seg const& seg, int pass, int t, bool tail, cuda_segment_collector f) {
   seg.for_each_segment(pass, t, f);
   if constexpr (std::is_same_v<Seg, attn::pattern>) {
     if (tail) {
       attn::index_range const rows = seg.q_tile(pass, t);
-      f.flag = cuda_seg_tail;
+      f.tail = 1;
       if (!rows.empty()) seg.global_key_segment(rows, f);
     }
   }
@@ -153,7 +148,7 @@ __device__ inline void cuda_layout_segments(cuda_segment const* segs, int n, int
   int keys = 0;
   *tail_chunk = INT_MAX;
   for (int s = 0; s < n; ++s) {
-    if (segs[s].exact & cuda_seg_tail) {
+    if (segs[s].tail) {
       keys = (keys + chunk - 1) / chunk * chunk;
       *tail_chunk = keys / chunk;
     }
@@ -289,26 +284,24 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
       if constexpr (std::is_same_v<Seg, attn::pattern>)
         row_live[x] = row_live[x] && (kind == attn::pass_kind::global_rows || !seg.is_global(row_id[x]));
     }
+    // The running state: fresh on the first pass of these rows, else the previous pass's.
     float m[2], l[2], acc[D / 8][4];
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       m[x] = -INFINITY;
       l[x] = 0.f;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) acc[dt][2 * x] = acc[dt][2 * x + 1] = 0.f;
       if (!p.first && lr[x] < cnt) {
-        std::int64_t const sr = cuda_state_row(p, b, h, rows[lr[x]], t * BM + r0 + lr[x]);
+        std::int64_t const sr = cuda_state_row(p, b, h, row_id[x], t * BM + r0 + lr[x]);
         m[x] = p.st_m[sr];
-        l[x] = tig == 0 ? p.st_l[sr] : 0.f;
-      }
-    }
+        if (tig == 0) l[x] = p.st_l[sr];
 #pragma unroll
-    for (int x = 0; x < 2; ++x) {
-      float const* src = nullptr;
-      if (!p.first && lr[x] < cnt) src = p.st_acc + cuda_state_row(p, b, h, rows[lr[x]], t * BM + r0 + lr[x]) * D;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        float2 const v = src ? *reinterpret_cast<float2 const*>(src + dt * 8 + tig * 2) : make_float2(0.f, 0.f);
-        acc[dt][2 * x] = v.x;
-        acc[dt][2 * x + 1] = v.y;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          float2 const v = *reinterpret_cast<float2 const*>(p.st_acc + sr * D + dt * 8 + tig * 2);
+          acc[dt][2 * x] = v.x;
+          acc[dt][2 * x + 1] = v.y;
+        }
       }
     }
 
@@ -379,7 +372,7 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
             int const a = max(k0, seg_start[s]), e = min(k1, seg_start[s] + segs[s].keys.count);
             if (e <= a) continue;
             covered += e - a;
-            ex = (segs[s].exact & 1) != 0;
+            ex = segs[s].exact != 0;
           }
           kexact[slot] = ex && covered == BN ? 1 : 0;
         }
@@ -432,14 +425,9 @@ __global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_
         // (Descriptors: one per tile base, then constant steps — the address arithmetic is per chunk.)
         std::uint64_t const dq0 = wgmma_desc_sw128(sq + (warp >> 2) * 64 * 64), dk0 = wgmma_desc_sw128(ck);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          std::uint64_t const dq = wgmma_desc_advance<T>(dq0, (kk >> 2) * BM * 64 + (kk & 3) * 16);
-          wgmma64<T>::template mma_ss<0, 0>(s, dq, wgmma_desc_advance<T>(dk0, (kk >> 2) * BN * 64 + (kk & 3) * 16),
-                                            kk > 0);
-          if constexpr (BN == 128)  // keys 64 .. 127: columns 64 .. 127 of S
-            wgmma64<T>::template mma_ss<0, 8>(s, dq, wgmma_desc_advance<T>(dk0, ((kk >> 2) * BN + 64) * 64 + (kk & 3) * 16),
-                                              kk > 0);
-        }
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma64<T>::template mma_ss<0, 0>(s, wgmma_desc_advance<T>(dq0, (kk >> 2) * BM * 64 + (kk & 3) * 16),
+                                            wgmma_desc_advance<T>(dk0, (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
@@ -697,7 +685,7 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
           __syncthreads();
           if (active) {
             for (int r = 0; r < kc; ++r) {
-              if (!(sg.exact & 1) && !seg.owns(pass, row, key_idx[r])) continue;
+              if (!sg.exact && !seg.owns(pass, row, key_idx[r])) continue;
               float dot = 0.f;
               for (int d = 0; d < D; ++d) dot += q[d] * sk[r * D + d];
               float const sc = dot * p.scale_log2;
