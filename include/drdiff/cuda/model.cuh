@@ -48,9 +48,6 @@ __global__ void model_add_rows(float* __restrict__ h, float const* __restrict__ 
     h[i] += (a ? a[k] : 0.f) + (b ? b[k] : 0.f);
   }
 }
-__global__ void model_add_bf16(float* __restrict__ h, bf16 const* __restrict__ y, std::size_t n) {
-  DRDIFF_GRID_STRIDE(i, n) h[i] += __bfloat162float(y[i]);
-}
 /// LayerNorm of fp32 rows into bf16, one block of 128 threads per row (statistics in fp32, two passes).
 __global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict__ x, int d, float const* __restrict__ g,
                                                        float const* __restrict__ b, float eps, bf16* __restrict__ y) {
@@ -73,24 +70,42 @@ __global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict_
     y[std::size_t(blockIdx.x) * d + k] = __float2bfloat16((xr[k] - mean) * inv * g[k] + b[k]);
 }
 
-/// RoPE on q and k of a [T, 3·d_model] bf16 buffer: one thread per (token, part, head, pair).
-__global__ void model_rope(bf16* __restrict__ qkv, std::int64_t tokens, int seq, int heads, int hd, float log_base) {
-  int const half = hd / 2, dm = heads * hd;
-  std::size_t const n = std::size_t(tokens) * 2 * heads * half;
+/// The RoPE table: cos and sin of p·base^(−2i/hd) for every position p < seq and pair i < hd/2, computed
+/// in double as on the CPU (once per sequence length).
+__global__ void model_rope_table(float* __restrict__ cs, float* __restrict__ sn, int seq, int half, double base) {
+  std::size_t const n = std::size_t(seq) * half;
   DRDIFF_GRID_STRIDE(i, n) {
     int const pair = int(i % half);
-    std::size_t rest = i / half;
-    int const h = int(rest % heads);
-    rest /= heads;
+    double const a = double(i / half) * pow(base, -2.0 * pair / (2 * half));
+    cs[i] = float(cos(a));
+    sn[i] = float(sin(a));
+  }
+}
+
+/// RoPE on q and k of a [T, 3·d_model] bf16 buffer from the table: one thread per 16-byte piece (4
+/// pairs) of a token's q or k (head_dim a multiple of 8, so pieces never straddle heads).
+__global__ void model_rope(bf16* __restrict__ qkv, float const* __restrict__ cs, float const* __restrict__ sn,
+                           std::int64_t tokens, int seq, int dm, int hd) {
+  int const pieces = dm / 8, half = hd / 2;  // pieces per part (q or k) of a token
+  std::size_t const n = std::size_t(tokens) * 2 * pieces;
+  DRDIFF_GRID_STRIDE(i, n) {
+    int const c = int(i % pieces);
+    std::size_t const rest = i / pieces;
     int const part = int(rest % 2);
     std::int64_t const r = std::int64_t(rest / 2);
-    float const ang = float(r % seq) * __expf(-log_base * (2.f * pair / hd));
-    float sn, cs;
-    sincosf(ang, &sn, &cs);
-    bf16* v = qkv + std::size_t(r) * 3 * dm + std::size_t(part) * dm + std::size_t(h) * hd + 2 * pair;
-    float const a = __bfloat162float(v[0]), c = __bfloat162float(v[1]);
-    v[0] = __float2bfloat16(a * cs - c * sn);
-    v[1] = __float2bfloat16(a * sn + c * cs);
+    int const pair0 = (c * 8 % hd) / 2;
+    std::size_t const at = std::size_t(r % seq) * half + pair0;
+    float4 const cv = *reinterpret_cast<float4 const*>(cs + at), sv = *reinterpret_cast<float4 const*>(sn + at);
+    float const cc[4] = {cv.x, cv.y, cv.z, cv.w}, ss[4] = {sv.x, sv.y, sv.z, sv.w};
+    uint4* const p = reinterpret_cast<uint4*>(qkv + std::size_t(r) * 3 * dm + std::size_t(part) * dm + std::size_t(c) * 8);
+    uint4 v = *p;
+    __nv_bfloat162* const e = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float2 const ab = __bfloat1622float2(e[k]);
+      e[k] = __floats2bfloat162_rn(ab.x * cc[k] - ab.y * ss[k], ab.x * ss[k] + ab.y * cc[k]);
+    }
+    *p = v;
   }
 }
 
@@ -194,8 +209,8 @@ class model<cuda, Config> {
       detail::model_layer_norm<<<unsigned(T), 128, 0, st>>>(h_, dm, v(pre + "norm1.weight"), v(pre + "norm1.bias"),
                                                             cfg_.norm_eps, ln_);
       detail::gemm_bf16(blas_, int(T), 3 * dm, dm, ln_, m(pre + "attn.qkv.weight"), qkv_, 0.f);
-      detail::model_rope<<<detail::model_grid(std::size_t(T) * dm), 256, 0, st>>>(qkv_, T, seq, s.heads, hd,
-                                                                                 float(std::log(cfg_.rope_base)));
+      detail::model_rope<<<detail::model_grid(std::size_t(T) * dm / 4), 256, 0, st>>>(qkv_, rope_cos_, rope_sin_, T,
+                                                                                     seq, dm, hd);
       ev.end(&model_timing::dense);
       ev.begin();
       attention(ctx_, cfg_.attention, attn_args(batch, seq), attn_ws_, attn_bytes_);
@@ -212,8 +227,7 @@ class model<cuda, Config> {
         detail::gemm_bf16(blas_, int(T), dm, s.d_ff, ffh_, m(pre + "moe.experts.down"), h_, 1.f);
       } else {
         auto a = moe_args(pre, T, t);
-        router::moe_forward(ctx_, cfg_.router, a, moe_ws_, moe_bytes_);
-        detail::model_add_bf16<<<detail::model_grid(std::size_t(T) * dm), 256, 0, st>>>(h_, att_, std::size_t(T) * dm);
+        router::moe_forward(ctx_, cfg_.router, a, moe_ws_, moe_bytes_);  // added to h_ in its combine
       }
       ev.end(&model_timing::moe);
     }
@@ -305,6 +319,7 @@ class model<cuda, Config> {
   int seq_ = 0, batch_ = 0;
   float *h_ = nullptr, *temb_ = nullptr, *tfeat_ = nullptr, *thid_ = nullptr;
   bf16 *xb_ = nullptr, *ln_ = nullptr, *qkv_ = nullptr, *att_ = nullptr, *ffh_ = nullptr;
+  float *rope_cos_ = nullptr, *rope_sin_ = nullptr;  // [seq × head_dim / 2]
   void *attn_ws_ = nullptr, *moe_ws_ = nullptr;
   std::size_t attn_bytes_ = 0, moe_bytes_ = 0;
 
@@ -353,7 +368,8 @@ class model<cuda, Config> {
     detail::bind_moe_weights(a, pre, s, cfg_.activation, [&](std::string const& n) { return m(n); },
                              [&](std::string const& n) { return v(n); });
     a.tokens = int(T);
-    a.x = ln_; a.out = att_;  // att_ is free after the output projection
+    a.x = ln_;
+    a.residual = h_;  // the combine adds the MoE output to the fp32 residual stream
     a.act = cfg_.activation == ffn_activation::swiglu ? router::cuda_activation::swiglu : router::cuda_activation::gelu;
     a.timestep = float(t);
     a.cublas = blas_;
@@ -377,6 +393,12 @@ class model<cuda, Config> {
     qkv_ = static_cast<bf16*>(alloc(sizeof(bf16) * T * 3 * dm));
     att_ = static_cast<bf16*>(alloc(sizeof(bf16) * T * dm));
     if (s.experts == 1) ffh_ = static_cast<bf16*>(alloc(sizeof(bf16) * T * s.d_ff));
+    std::size_t const rope_n = std::size_t(seq) * (s.head_dim() / 2);
+    rope_cos_ = static_cast<float*>(alloc(sizeof(float) * rope_n));
+    rope_sin_ = static_cast<float*>(alloc(sizeof(float) * rope_n));
+    detail::model_rope_table<<<detail::model_grid(rope_n), 256, 0, stream()>>>(rope_cos_, rope_sin_, seq,
+                                                                              s.head_dim() / 2, cfg_.rope_base);
+    DRDIFF_CUDA_CHECK(cudaGetLastError());
     attn_bytes_ = attention_workspace_bytes(ctx_, cfg_.attention, attn_args(batch, seq));
     attn_ws_ = alloc(attn_bytes_);
     moe_bytes_ = router::moe_workspace_bytes(cfg_.router, moe_args("blocks.0.", T, 0.0));
