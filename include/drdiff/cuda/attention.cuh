@@ -47,7 +47,8 @@ inline int cuda_split_keys(int n) { return std::max(2048, (n + cuda_max_splits -
 template <class T>
 struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   static constexpr bool tensor_cores = !std::is_same_v<T, float>;
-  static constexpr int tile_rows = tensor_cores ? 16 * cuda_attention_warps : 64;
+  /// Query rows per tile: 16 per warp of the tensor-core kernel, 64 for the SIMT kernel.
+  static constexpr int rows_for(int warps) { return tensor_cores ? 16 * warps : 64; }
 
   template <class Policy>
   using seg_t = decltype(attn::segments_of(std::declval<attn::bound_t<Policy> const&>(), 0));
@@ -56,6 +57,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   template <class Policy>
   struct plan {
     std::vector<seg_t<Policy>> heads;
+    int warps = 4, tile_rows = 64;    // the tensor-core kernel's warps and the tile height
     bool shared = true;               // every head binds to the same policy
     std::vector<int> plain, split;    // passes over ordinary rows, key-split passes (global rows)
     bool tail_global = false;         // the last plain pass also runs the global-key pass (not launched)
@@ -69,9 +71,34 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     }
   };
 
+  /// Warps of the tensor-core kernel for a policy: 8 (128-row tiles, half the K/V traffic per row)
+  /// when every pass of head 0's pattern is dense, else 4 (64-row tiles, four CTAs per SM), measured
+  /// faster for every sparse pattern on the H100 (docs/benchmarks.md). DRDIFF_CUDA_ATTENTION_WARPS
+  /// forces one.
+  template <class Policy>
+  static int choose_warps(Policy const& policy, attention_args<T> const& a) {
+#ifdef DRDIFF_CUDA_ATTENTION_WARPS
+    (void)policy, (void)a;
+    return DRDIFF_CUDA_ATTENTION_WARPS;
+#else
+    if constexpr (std::is_same_v<seg_t<Policy>, attn::pattern>) {
+      attn::pattern const pt = attn::segments_of(attn::bind(policy, a.seq, 0), a.seq);
+      for (int p = 0; p < pt.num_passes(); ++p)
+        if (pt.kind(p) != attn::pass_kind::dense_rows) return 4;
+      return 8;
+    } else {
+      (void)policy, (void)a;
+      return 4;
+    }
+#endif
+  }
+
   template <class Policy>
   static plan<Policy> make_plan(Policy const& policy, attention_args<T> const& a) {
     plan<Policy> pl;
+    pl.warps = choose_warps(policy, a);
+    pl.tile_rows = rows_for(pl.warps);
+    int const tile_rows = pl.tile_rows;
     for (int h = 0; h < a.heads; ++h) {
       auto bound = attn::bind(policy, a.seq, h);
       if constexpr (std::is_same_v<decltype(bound), attn::pattern>) bound.tile = tile_rows;
@@ -153,10 +180,10 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     int stages = cuda_attention_max_stages;
     int slack = 0;
   };
-  static constexpr int smem_bytes(int d, int stages, int slack) {
-    return (tile_rows + 2 * stages * cuda_attention_bn) * d * int(sizeof(T)) + slack;
+  static constexpr int smem_bytes(int d, int warps, int stages, int slack) {
+    return (rows_for(warps) + 2 * stages * cuda_attention_bn) * d * int(sizeof(T)) + slack;
   }
-  template <int D, class Seg>
+  template <int D, int W, class Seg>
   static kernel_shape shape_for_device() {
     int dev = 0, optin = 0, per_sm = 0, reserved = 0, major = 0, minor = 0;
     DRDIFF_CUDA_CHECK(cudaGetDevice(&dev));
@@ -166,49 +193,77 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
     cudaFuncAttributes fa{};
-    DRDIFF_CUDA_CHECK(cudaFuncGetAttributes(&fa, attention_mma_kernel<T, D, cuda_attention_max_stages, Seg>));
+    DRDIFF_CUDA_CHECK(cudaFuncGetAttributes(&fa, attention_mma_kernel<T, D, cuda_attention_max_stages, W, Seg>));
     kernel_shape k;
     k.slack = major == 9 && minor == 0 ? 1024 : 0;
     int const fixed = int(fa.sharedSizeBytes);  // static shared memory, the same for every stage count
-    int const blocks = cuda_attention_min_blocks(D);
+    int const blocks = cuda_attention_min_blocks(D, W);
     for (k.stages = cuda_attention_max_stages; k.stages >= 2; --k.stages) {
-      int const bytes = smem_bytes(D, k.stages, k.slack) + fixed;
+      int const bytes = smem_bytes(D, W, k.stages, k.slack) + fixed;
       if (bytes <= optin && blocks * (bytes + reserved) <= per_sm) return k;  // the system reserves some per block
     }
     for (k.stages = cuda_attention_max_stages; k.stages >= 2; --k.stages)
-      if (smem_bytes(D, k.stages, k.slack) + fixed <= optin) return k;
-    DRDIFF_CHECK(false, "attention (cuda): head_dim = ", D, " needs ", smem_bytes(D, 2, k.slack) + fixed,
+      if (smem_bytes(D, W, k.stages, k.slack) + fixed <= optin) return k;
+    DRDIFF_CHECK(false, "attention (cuda): head_dim = ", D, " needs ", smem_bytes(D, W, 2, k.slack) + fixed,
                  " bytes of shared memory per block; this device allows ", optin);
     return k;
   }
 
-  template <int D, class Seg>
+  template <int D, int W, class Seg>
   static void launch(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream, kernel_shape k) {
     if constexpr (tensor_cores) {
-      int const smem = smem_bytes(D, k.stages, k.slack);
-      auto const kernel = k.stages == 3 ? attention_mma_kernel<T, D, 3, Seg> : attention_mma_kernel<T, D, 2, Seg>;
+      int const smem = smem_bytes(D, W, k.stages, k.slack);
+      auto const kernel =
+          k.stages == 3 ? attention_mma_kernel<T, D, 3, W, Seg> : attention_mma_kernel<T, D, 2, W, Seg>;
       // Per call: the attribute belongs to the current device, and setting it costs microseconds.
       DRDIFF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      kernel<<<grid, 32 * cuda_attention_warps, smem, stream>>>(prm);
+      kernel<<<grid, 32 * W, smem, stream>>>(prm);
     } else {
       attention_simt_kernel<T, Seg><<<grid, 64, 2 * 16 * prm.dim * sizeof(float), stream>>>(prm);
     }
     DRDIFF_CUDA_CHECK(cudaGetLastError());
   }
 
-  template <class Seg>
-  static kernel_shape shape_dim(int dim) {
-    if constexpr (tensor_cores) return dim == 64 ? shape_for_device<64, Seg>() : shape_for_device<128, Seg>();
-    else return kernel_shape{};
+  /// Whether the kernel of W warps is compiled for segment type Seg: 4 always, 8 for patterns (the
+  /// only ones that pick it); a forced DRDIFF_CUDA_ATTENTION_WARPS compiles that one alone.
+  template <int W, class Seg>
+  static constexpr bool has_warps() {
+#ifdef DRDIFF_CUDA_ATTENTION_WARPS
+    return W == DRDIFF_CUDA_ATTENTION_WARPS;
+#else
+    return W == 4 || std::is_same_v<Seg, attn::pattern>;
+#endif
+  }
+  /// Calls f(std::integral_constant<int, W>) for the compiled W equal to `warps`.
+  template <class Seg, class F>
+  static void with_warps(int warps, F&& f) {
+    if constexpr (has_warps<8, Seg>())
+      if (warps == 8) return f(std::integral_constant<int, 8>{});
+    if constexpr (has_warps<4, Seg>())
+      if (warps == 4) return f(std::integral_constant<int, 4>{});
+    DRDIFF_CHECK(false, "attention (cuda): no kernel of ", warps, " warps is compiled for this policy");
   }
 
   template <class Seg>
-  static void launch_dim(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream, kernel_shape k) {
+  static kernel_shape shape_dim(int dim, int warps) {
+    kernel_shape k{};
+    if constexpr (tensor_cores)
+      with_warps<Seg>(warps, [&](auto w) {
+        k = dim == 64 ? shape_for_device<64, decltype(w)::value, Seg>() : shape_for_device<128, decltype(w)::value, Seg>();
+      });
+    return k;
+  }
+
+  template <class Seg>
+  static void launch_dim(cuda_attention_params<T, Seg> const& prm, int warps, dim3 grid, cudaStream_t stream,
+                         kernel_shape k) {
     if constexpr (tensor_cores) {
-      if (prm.dim == 64) launch<64>(prm, grid, stream, k);
-      else launch<128>(prm, grid, stream, k);
+      with_warps<Seg>(warps, [&](auto w) {
+        if (prm.dim == 64) launch<64, decltype(w)::value>(prm, grid, stream, k);
+        else launch<128, decltype(w)::value>(prm, grid, stream, k);
+      });
     } else {
-      launch<0>(prm, grid, stream, k);
+      launch<0, 4>(prm, grid, stream, k);
     }
   }
 
@@ -228,7 +283,8 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
 
     using Seg = seg_t<Policy>;
-    kernel_shape const shape = shape_dim<Seg>(a.head_dim);
+    kernel_shape const shape = shape_dim<Seg>(a.head_dim, pl.warps);
+    int const tile_rows = pl.tile_rows;
     cuda_attention_params<T, Seg> prm{};
     prm.batch = a.batch; prm.seq = a.seq; prm.heads = a.heads; prm.dim = a.head_dim;
     prm.q = a.q; prm.k = a.k; prm.v = a.v; prm.o = a.o;
@@ -291,7 +347,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
           prm.seg_table = seg_table;
           prm.seg_count = seg_count;
         }
-        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream, shape);
+        launch_dim(prm, pl.warps, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream, shape);
         prm.seg_table = nullptr;
         prm.seg_count = nullptr;
       }
@@ -302,7 +358,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.split_keys = pl.split_keys;
         int const nt = tiles(p);
         if (nt == 0) continue;
-        launch_dim(prm, dim3(unsigned(nt), unsigned(a.batch * hn), unsigned(pl.splits)), stream, shape);
+        launch_dim(prm, pl.warps, dim3(unsigned(nt), unsigned(a.batch * hn), unsigned(pl.splits)), stream, shape);
         attention_merge_kernel<T, Seg><<<dim3(unsigned(nt * tile_rows), unsigned(a.batch * hn)), 128, 0, stream>>>(
             prm, pl.splits);
         DRDIFF_CUDA_CHECK(cudaGetLastError());

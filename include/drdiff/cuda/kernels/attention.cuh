@@ -31,30 +31,34 @@ inline constexpr int cuda_attention_max_stages = 3;
 /// Sequence lengths the kernels index (distances stay clear of the empty-slot sentinel below).
 inline constexpr int cuda_attention_max_seq = (1 << 29) - 1;
 
-#ifndef DRDIFF_CUDA_ATTENTION_WARPS
-#define DRDIFF_CUDA_ATTENTION_WARPS 8
-#endif
-/// Warps of the tensor-core kernel; each owns 16 query rows of the tile (on sm_90a each group of 4
-/// warps is a warpgroup owning 64 rows). The rows of a tile share every K/V chunk loaded, so larger
-/// tiles cut the K/V traffic per row.
-inline constexpr int cuda_attention_warps = DRDIFF_CUDA_ATTENTION_WARPS;
-static_assert(cuda_attention_warps == 4 || cuda_attention_warps == 8,
+/// Warps of the tensor-core kernel (a template parameter, 4 or 8); each owns 16 query rows of the
+/// tile (on sm_90a each group of 4 warps is a warpgroup owning 64 rows). The rows of a tile share
+/// every K/V chunk loaded, so 8 warps halve the K/V traffic per row, but their warpgroups wait for each
+/// other at every chunk's barrier. The host picks 8 for dense patterns and 4 for the rest, where
+/// tiles have few chunks and four independent CTAs per SM overlap one another's softmax and MMAs
+/// better (H100, docs/benchmarks.md: dense 16K 3.15 ms with 8 warps vs 3.52 with 4; local 0.208 vs
+/// 0.190 ms, the HSA mask 0.637 vs 0.612 ms). Defining DRDIFF_CUDA_ATTENTION_WARPS (4 or 8) forces
+/// one size for every pattern.
+#ifdef DRDIFF_CUDA_ATTENTION_WARPS
+static_assert(DRDIFF_CUDA_ATTENTION_WARPS == 4 || DRDIFF_CUDA_ATTENTION_WARPS == 8,
               "DRDIFF_CUDA_ATTENTION_WARPS must be 4 or 8 (64 or 128 query rows per tile)");
+#endif
 /// Keys per chunk of the tensor-core kernel (one barrier, one max/sum reduction and two MMA waits per
 /// chunk; 128 measured slower on H100 at every occupancy, docs/benchmarks.md).
 inline constexpr int cuda_attention_bn = 64;
-#ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64
-#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 (16 / DRDIFF_CUDA_ATTENTION_WARPS)
+/// Resident CTAs per SM the tensor-core kernel is compiled for, by head_dim and warps: it caps the
+/// registers (65536 / (32 · warps · blocks)) at 128 for head_dim 64 and 255 for 128, and occupancy
+/// is what hides the latency of this kernel's short chunks (measured on H100 with the mma.sync path
+/// and 4 warps: 128 registers and 4 CTAs ran local attention 1.7× faster than 216 and 2).
+/// DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 / _D128 override it (tuning).
+constexpr int cuda_attention_min_blocks(int d, int warps) {
+#ifdef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64
+  if (d <= 64) return DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64;
 #endif
-#ifndef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128
-#define DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128 (8 / DRDIFF_CUDA_ATTENTION_WARPS)
+#ifdef DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128
+  if (d > 64) return DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128;
 #endif
-/// Resident CTAs per SM the tensor-core kernel is compiled for, by head_dim: it caps the registers
-/// (65536 / (32 · warps · blocks)), and occupancy is what hides the latency of this kernel's short
-/// chunks (measured on H100 with the mma.sync path and 4 warps: 128 registers and 4 CTAs ran local
-/// attention 1.7× faster than 216 and 2).
-constexpr int cuda_attention_min_blocks(int d) {
-  return d <= 64 ? DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D64 : DRDIFF_CUDA_ATTENTION_MIN_BLOCKS_D128;
+  return d <= 64 ? 16 / warps : 8 / warps;
 }
 
 /// A tile's key segment. `exact`: every pair (row of the tile, key) is owned by the pass. `tail`: the
@@ -204,14 +208,14 @@ __device__ inline std::int64_t cuda_state_row(P const& p, int b, int h, int row,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Tensor-core kernel: `cuda_attention_warps` warps × 16 query rows, chunks of cuda_attention_bn keys, head_dim D
-// (64 or 128).
+// Tensor-core kernel: W warps × 16 query rows, chunks of cuda_attention_bn keys, head_dim D (64 or 128).
 
-template <class T, int D, int S, class Seg>
-__global__ void __launch_bounds__(32 * cuda_attention_warps, cuda_attention_min_blocks(D))
+template <class T, int D, int S, int W, class Seg>
+__global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
     attention_mma_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
   static_assert(S == 2 || S == 3, "attention: 2 or 3 K/V stages (4 key slots hold chunks c .. c + S)");
-  constexpr int BM = 16 * cuda_attention_warps, BN = cuda_attention_bn, CH = D / 8, NT = 32 * cuda_attention_warps;
+  static_assert(W == 4 || W == 8, "attention: 4 or 8 warps (64 or 128 query rows per tile)");
+  constexpr int BM = 16 * W, BN = cuda_attention_bn, CH = D / 8, NT = 32 * W;
   using ops = mma16<T>;
   static_assert(!DRDIFF_WGMMA || BM % 64 == 0, "attention: the wgmma path runs whole warpgroups (4 warps, 64 rows)");
   extern __shared__ __align__(128) unsigned char smem_raw[];
