@@ -8,12 +8,13 @@
 /// keeps the running state of a row in one place: first the passes over ordinary rows (window,
 /// dilations, global keys; the state lives in the workspace between them, in fp32; the tensor-core
 /// kernel runs the global-key pass as the tail of the last other one, in the same launch), then the
-/// global rows, split across key ranges and merged by log-sum-exp. A pattern of one pass (dense, a
-/// window alone) needs no state at all. Before each pass over ordinary rows a small kernel resolves
-/// the key segments of every query tile into a table in the workspace (the policy's visitor, one
-/// thread per tile), so the attention CTAs start on their keys at once; called without a workspace, a
-/// one-pass pattern collects them in each CTA instead. Nothing is allocated: the workspace is the
-/// caller's.
+/// global rows, split across key ranges and merged by log-sum-exp (the tensor-core kernel runs the
+/// splits in the launch of the first ordinary pass, whose short tiles fill in around them; the merge
+/// follows the last pass). A pattern of one pass (dense, a window alone) needs no state at all.
+/// Before the first pass one small launch resolves the key segments of every query tile of every
+/// ordinary pass into tables in the workspace (the policy's visitor, one thread per tile), so the
+/// attention CTAs start on their keys at once; called without a workspace, a one-pass pattern
+/// collects them in each CTA instead. Nothing is allocated: the workspace is the caller's.
 
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/attention/block_segments.hpp>
@@ -63,7 +64,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     bool tail_global = false;         // the last plain pass also runs the global-key pass (not launched)
     int split_keys = 0, splits = 0, part_rows = 0;
     std::size_t state_floats = 0, part_floats = 0;
-    std::size_t seg_entries = 0;  // tiles × table entries of the largest plain pass (segment table)
+    std::size_t seg_entries = 0;  // tiles × table entries of every plain pass (the segment tables)
 
     std::size_t seg_table_offset() const { return ((state_floats + part_floats) * sizeof(float) + 255) / 256 * 256; }
     std::size_t bytes() const {
@@ -134,10 +135,15 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         for (auto const& s : pl.heads) pl.part_rows = std::max(pl.part_rows, s.num_q_tiles(p) * tile_rows);
       pl.part_floats = std::size_t(pl.splits) * a.batch * a.heads * pl.part_rows * (2 + std::size_t(a.head_dim));
     }
-    if constexpr (tensor_cores) {
+    if constexpr (tensor_cores) {  // one table per ordinary pass, all resolved by one launch
+      DRDIFF_CHECK(int(pl.plain.size()) <= cuda_segment_passes::max, "attention (cuda): ", pl.plain.size(),
+                   " ordinary passes (internal limit ", cuda_segment_passes::max, ")");
       std::size_t const entries = pl.shared ? 1 : std::size_t(std::min(a.heads, cuda_table_heads));
-      for (int p : pl.plain)
-        for (auto const& s : pl.heads) pl.seg_entries = std::max(pl.seg_entries, std::size_t(s.num_q_tiles(p)) * entries);
+      for (int p : pl.plain) {
+        int tiles = 0;
+        for (auto const& s : pl.heads) tiles = std::max(tiles, s.num_q_tiles(p));
+        pl.seg_entries += std::size_t(tiles) * entries;
+      }
     }
     return pl;
   }
@@ -326,6 +332,35 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         for (int i = 0; i < hn; ++i) m = std::max(m, pl.heads[h0 + i].num_q_tiles(p));
         return m;
       };
+      // Every ordinary pass's tile segments, resolved by one launch before the first pass (a
+      // one-pass pattern called without a workspace collects them in each CTA instead).
+      std::int64_t seg_offset[cuda_segment_passes::max] = {};
+      bool const tables = pl.seg_entries > 0 && workspace != nullptr;
+      if (tables) {
+        cuda_segment_passes ps;
+        int most = 0;
+        for (int p : pl.plain) {
+          int const nt = tiles(p);
+          if (nt == 0) continue;
+          ps.pass[ps.n] = p;
+          ps.tail[ps.n] = pl.tail_global && p == pl.plain.back() ? 1 : 0;
+          ps.tiles[ps.n] = nt;
+          ps.offset[ps.n] = ps.n == 0 ? 0 : ps.offset[ps.n - 1] + std::int64_t(ps.tiles[ps.n - 1]) * prm.table_size;
+          ps.n++;
+          most = std::max(most, nt);
+        }
+        for (int i = 0, j = 0; i < int(pl.plain.size()); ++i)
+          if (tiles(pl.plain[std::size_t(i)]) > 0) seg_offset[i] = ps.offset[j++];
+        if (ps.n > 0) {
+          attention_segments_kernel<T, Seg><<<dim3(unsigned((most + 127) / 128), unsigned(prm.table_size),
+                                                   unsigned(ps.n)), 128, 0, stream>>>(prm, ps, seg_table, seg_count);
+          DRDIFF_CUDA_CHECK(cudaGetLastError());
+        }
+      }
+      // The key splits of the global-row pass run in the launch of the first ordinary pass (its
+      // CTAs first), when there is one; the merge follows the last ordinary pass either way.
+      int const co_pass = tensor_cores && !pl.split.empty() ? pl.split.front() : -1;
+      bool co_done = false;
       for (std::size_t i = 0; i < pl.plain.size(); ++i) {
         int const p = pl.plain[i];
         prm.pass = p;
@@ -335,19 +370,19 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.split_keys = 0;
         int const nt = tiles(p);
         if (nt == 0) continue;
-        // Resolve the tiles' key segments once, for every batch and head (a one-pass pattern called
-        // without a workspace collects them in each CTA instead).
-        if (pl.seg_entries > 0 && workspace != nullptr) {
-          prm.seg_table = nullptr;
-          prm.seg_count = nullptr;
-          prm.seg_tiles = nt;
-          attention_segments_kernel<T, Seg><<<dim3(unsigned((nt + 127) / 128), unsigned(prm.table_size)), 128, 0,
-                                              stream>>>(prm, seg_table, seg_count);
-          DRDIFF_CUDA_CHECK(cudaGetLastError());
-          prm.seg_table = seg_table;
-          prm.seg_count = seg_count;
+        prm.seg_table = tables ? seg_table + seg_offset[i] * cuda_segment_batch : nullptr;
+        prm.seg_count = tables ? seg_count + seg_offset[i] : nullptr;
+        prm.seg_tiles = nt;
+        prm.co_ctas = 0;
+        if (co_pass >= 0 && !co_done && tiles(co_pass) > 0) {
+          prm.co_pass = co_pass;
+          prm.co_tiles = tiles(co_pass);
+          prm.co_split_keys = pl.split_keys;
+          prm.co_ctas = prm.co_tiles * pl.splits;
+          co_done = true;
         }
-        launch_dim(prm, pl.warps, dim3(unsigned(nt), unsigned(a.batch * hn), 1), stream, shape);
+        launch_dim(prm, pl.warps, dim3(unsigned(prm.co_ctas + nt), unsigned(a.batch * hn), 1), stream, shape);
+        prm.co_ctas = 0;
         prm.seg_table = nullptr;
         prm.seg_count = nullptr;
       }
@@ -358,7 +393,8 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.split_keys = pl.split_keys;
         int const nt = tiles(p);
         if (nt == 0) continue;
-        launch_dim(prm, pl.warps, dim3(unsigned(nt), unsigned(a.batch * hn), unsigned(pl.splits)), stream, shape);
+        if (!(co_done && p == co_pass))
+          launch_dim(prm, pl.warps, dim3(unsigned(nt), unsigned(a.batch * hn), unsigned(pl.splits)), stream, shape);
         attention_merge_kernel<T, Seg><<<dim3(unsigned(nt * tile_rows), unsigned(a.batch * hn)), 128, 0, stream>>>(
             prm, pl.splits);
         DRDIFF_CUDA_CHECK(cudaGetLastError());

@@ -106,7 +106,50 @@ struct cuda_attention_params {
   cuda_segment const* seg_table = nullptr;
   int const* seg_count = nullptr;
   int seg_tiles = 0;
+  /// Key splits of a global-row pass launched with this one (tensor-core kernel): CTAs blockIdx.x <
+  /// co_ctas run split blockIdx.x / co_tiles of tile blockIdx.x % co_tiles of pass co_pass (keys of
+  /// co_split_keys each, into the split partials); the others run tile blockIdx.x − co_ctas of `pass`.
+  /// The long split CTAs start first and the pass's short tiles fill in around them.
+  int co_ctas = 0, co_tiles = 1, co_pass = 0, co_split_keys = 0;
 };
+
+/// What one CTA runs: a tile of the launch's pass, or a key split of the co-launched global-row pass.
+struct cuda_cta_role {
+  int t = 0, pass = 0;
+  int split = 0, split_keys = 0;  ///< split_keys > 0: keys [split·split_keys, (split+1)·split_keys)
+  bool first = true, last = true, tail_global = false;
+  bool co = false;  ///< a co-launched split CTA (no segment table: it collects its own)
+};
+
+/// blockIdx.x read by an instruction the compiler may not merge with earlier reads: the kernel derives
+/// its role again where it needs it instead of keeping it in registers across the main loop.
+__device__ __forceinline__ int cuda_cta_x() {
+  int x;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(x));
+  return x;
+}
+
+template <class P>
+__device__ inline cuda_cta_role cuda_role(P const& p) {
+  cuda_cta_role r;
+  int const x = cuda_cta_x();
+  if (x < p.co_ctas) {
+    r.co = true;
+    r.t = x % p.co_tiles;
+    r.split = x / p.co_tiles;
+    r.pass = p.co_pass;
+    r.split_keys = p.co_split_keys;
+    return r;
+  }
+  r.t = x - p.co_ctas;
+  r.pass = p.pass;
+  r.split = int(blockIdx.z);
+  r.split_keys = p.split_keys;
+  r.first = p.first != 0;
+  r.last = p.last != 0;
+  r.tail_global = p.tail_global != 0;
+  return r;
+}
 
 inline constexpr int cuda_segment_batch = 32;
 /// Key index of an empty slot of a chunk: far below every key, so |i − j| exceeds any reach.
@@ -174,21 +217,30 @@ __device__ __noinline__ void cuda_collect_segments(Seg const& seg, int pass, int
   cuda_layout_segments(segs, *n_segs, chunk, seg_start, tail_chunk);
 }
 
-/// Resolves the key segments of every query tile of one pass (one thread per tile and table entry)
-/// into the table the attention kernel reads: the single-thread visitor then runs once per tile
-/// for all batches and heads, in parallel, instead of inside every CTA while its other threads wait.
+/// The ordinary passes whose segment tables one attention_segments_kernel launch resolves.
+struct cuda_segment_passes {
+  static constexpr int max = 8;  // window + 4 dilations + global keys, with room
+  int n = 0;
+  int pass[max] = {}, tail[max] = {}, tiles[max] = {};
+  std::int64_t offset[max] = {};  ///< the pass's first table entry (entry e, tile t: offset + e·tiles + t)
+};
+
+/// Resolves the key segments of every query tile of the listed passes (one thread per pass, tile and
+/// table entry; blockIdx.z is the pass) into the tables the attention kernel reads: the single-thread
+/// visitor then runs once per tile for all batches and heads, in parallel, in one launch for the
+/// whole call, instead of inside every CTA while its other threads wait.
 template <class T, class Seg>
 __global__ void attention_segments_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p,
-                                          cuda_segment* table, int* count) {
-  int const t = int(blockIdx.x * blockDim.x + threadIdx.x), e = int(blockIdx.y);
-  if (t >= p.seg_tiles) return;
-  std::int64_t const at = std::int64_t(e) * p.seg_tiles + t;
-  if (t >= p.table[e].num_q_tiles(p.pass)) {  // past this head's tiles (another head has more)
+                                          const cuda_segment_passes ps, cuda_segment* table, int* count) {
+  int const i = int(blockIdx.z), t = int(blockIdx.x * blockDim.x + threadIdx.x), e = int(blockIdx.y);
+  if (t >= ps.tiles[i]) return;
+  std::int64_t const at = ps.offset[i] + std::int64_t(e) * ps.tiles[i] + t;
+  if (t >= p.table[e].num_q_tiles(ps.pass[i])) {  // past this head's tiles (another head has more)
     count[at] = 0;
     return;
   }
   int n = 0, seen = 0;
-  cuda_visit_segments(p.table[e], p.pass, t, p.tail_global != 0,
+  cuda_visit_segments(p.table[e], ps.pass[i], t, ps.tail[i] != 0,
                       cuda_segment_collector{table + at * cuda_segment_batch, &n, &seen, 0, 0, p.seq});
   count[at] = seen > cuda_segment_batch ? -1 : n;
 }
@@ -201,9 +253,9 @@ __device__ inline void cuda_bh(P const& p, int& b, int& h) {
 
 /// Where the running state of (batch, head, row) lives: the split partials or the pass state.
 template <class P>
-__device__ inline std::int64_t cuda_state_row(P const& p, int b, int h, int row, int part_row) {
-  if (p.split_keys > 0)
-    return (std::int64_t(blockIdx.z) * p.batch * p.heads + std::int64_t(b) * p.heads + h) * p.part_rows + part_row;
+__device__ inline std::int64_t cuda_state_row(P const& p, cuda_cta_role const& r, int b, int h, int row, int part_row) {
+  if (r.split_keys > 0)
+    return (std::int64_t(r.split) * p.batch * p.heads + std::int64_t(b) * p.heads + h) * p.part_rows + part_row;
   return (std::int64_t(b) * p.heads + h) * p.seq + row;
 }
 
@@ -240,13 +292,14 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
   int b, h;
   cuda_bh(p, b, h);
   Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
-  int const t = blockIdx.x, pass = p.pass;
+  cuda_cta_role const role = cuda_role(p);  // read again where needed (fewer registers in the loop)
+  int const t = role.t, pass = role.pass;
   if (t >= seg.num_q_tiles(pass)) return;  // past this head's tiles (another head in the launch has more)
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
   int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
-  int const key_lo = p.split_keys > 0 ? int(blockIdx.z) * p.split_keys : 0;
-  int const key_hi = p.split_keys > 0 ? min(L, key_lo + p.split_keys) : L;
+  int const key_lo = role.split_keys > 0 ? role.split * role.split_keys : 0;
+  int const key_hi = role.split_keys > 0 ? min(L, key_lo + role.split_keys) : L;
   int const tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
   int comp = 0;
   attn::pass_kind kind = attn::pass_kind::dense_rows;
@@ -296,8 +349,9 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
       l[x] = 0.f;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) acc[dt][2 * x] = acc[dt][2 * x + 1] = 0.f;
-      if (!p.first && lr[x] < cnt) {
-        std::int64_t const sr = cuda_state_row(p, b, h, row_id[x], t * BM + r0 + lr[x]);
+      cuda_cta_role const rd = cuda_role(p);
+      if (!rd.first && lr[x] < cnt) {
+        std::int64_t const sr = cuda_state_row(p, rd, b, h, row_id[x], t * BM + r0 + lr[x]);
         m[x] = p.st_m[sr];
         if (tig == 0) l[x] = p.st_l[sr];
 #pragma unroll
@@ -327,7 +381,8 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
     for (int skip = 0;; skip += cuda_segment_batch) {
       if (tid == 0) {  // the segments form one stream of keys, cut into chunks of BN
         std::int64_t const at = std::int64_t(p.table_size == 1 ? 0 : h - p.head0) * p.seg_tiles + t;
-        int const n = p.seg_table && skip == 0 ? p.seg_count[at] : -1;
+        bool const co = cuda_role(p).co;
+        int const n = p.seg_table && !co && skip == 0 ? p.seg_count[at] : -1;
         if (n >= 0) {  // resolved before the launch: clip to this batch's keys, lay out the stream
           cuda_segment const* const src = p.seg_table + at * cuda_segment_batch;
           int out = 0;
@@ -341,7 +396,7 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
           n_segs = seen = out;
           cuda_layout_segments(segs, out, BN, seg_start, &tail_chunk);
         } else {
-          cuda_collect_segments(seg, pass, t, p.tail_global != 0, BN, segs, &n_segs, &seen, seg_start, &tail_chunk,
+          cuda_collect_segments(seg, pass, t, cuda_role(p).tail_global, BN, segs, &n_segs, &seen, seg_start, &tail_chunk,
                                 skip, key_lo, key_hi);
         }
       }
@@ -586,6 +641,7 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
     }
 
     // Write back: the output (last pass) or the running state.
+    cuda_cta_role const wb = cuda_role(p);
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
@@ -595,7 +651,7 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
     for (int x = 0; x < 2; ++x) {
       if (lr[x] >= cnt) continue;
       int const row = rows[lr[x]];
-      if (p.last && p.split_keys == 0) {
+      if (wb.last && wb.split_keys == 0) {
         float const inv = l[x] > 0.f ? 1.f / l[x] : 0.f;
         T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
 #pragma unroll
@@ -605,10 +661,10 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
           p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] =
               l[x] > 0.f ? (m[x] + log2f(l[x])) * 0.69314718055994531f : -INFINITY;
       } else {
-        std::int64_t const sr = cuda_state_row(p, b, h, row, t * BM + r0 + lr[x]);
-        float* const pm = p.split_keys > 0 ? p.part_m : p.st_m;
-        float* const pl = p.split_keys > 0 ? p.part_l : p.st_l;
-        float* const pa = p.split_keys > 0 ? p.part_acc : p.st_acc;
+        std::int64_t const sr = cuda_state_row(p, wb, b, h, row, t * BM + r0 + lr[x]);
+        float* const pm = wb.split_keys > 0 ? p.part_m : p.st_m;
+        float* const pl = wb.split_keys > 0 ? p.part_l : p.st_l;
+        float* const pa = wb.split_keys > 0 ? p.part_acc : p.st_acc;
         if (tig == 0) {
           pm[sr] = m[x];
           pl[sr] = l[x];
@@ -639,13 +695,14 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
   int b, h;
   cuda_bh(p, b, h);
   Seg const& seg = p.table[p.table_size == 1 ? 0 : h - p.head0];
-  int const t = blockIdx.x, pass = p.pass, D = p.dim, tid = threadIdx.x;
+  cuda_cta_role const role = cuda_role(p);  // (the SIMT path is never co-launched)
+  int const t = role.t, pass = role.pass, D = p.dim, tid = threadIdx.x;
   if (t >= seg.num_q_tiles(pass)) return;  // past this head's tiles (another head in the launch has more)
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
   int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
-  int const key_lo = p.split_keys > 0 ? int(blockIdx.z) * p.split_keys : 0;
-  int const key_hi = p.split_keys > 0 ? min(L, key_lo + p.split_keys) : L;
+  int const key_lo = role.split_keys > 0 ? role.split * role.split_keys : 0;
+  int const key_hi = role.split_keys > 0 ? min(L, key_lo + role.split_keys) : L;
   T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
   T const* const kb = p.k + b * p.ks.batch + h * p.ks.head;
   T const* const vb = p.v + b * p.vs.batch + h * p.vs.head;
@@ -656,12 +713,12 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
     int const row = active ? rows[tid] : 0;
     float q[DMAX], acc[DMAX];
     float m = -INFINITY, l = 0.f;
-    std::int64_t const sr = cuda_state_row(p, b, h, row, t * BM + r0 + tid);
+    std::int64_t const sr = cuda_state_row(p, role, b, h, row, t * BM + r0 + tid);
     for (int d = 0; d < D; ++d) {
       q[d] = active ? float(qb[std::int64_t(row) * p.qs.seq + d]) : 0.f;
-      acc[d] = active && !p.first ? p.st_acc[sr * D + d] : 0.f;
+      acc[d] = active && !role.first ? p.st_acc[sr * D + d] : 0.f;
     }
-    if (active && !p.first) {
+    if (active && !role.first) {
       m = p.st_m[sr];
       l = p.st_l[sr];
     }
@@ -706,16 +763,16 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
       if (!more) break;
     }
     if (!active) continue;
-    if (p.last && p.split_keys == 0) {
+    if (role.last && role.split_keys == 0) {
       float const inv = l > 0.f ? 1.f / l : 0.f;
       T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
       for (int d = 0; d < D; ++d) o[d] = T(acc[d] * inv);
       if (p.lse) p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] =
                      l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
     } else {
-      float* const pm = p.split_keys > 0 ? p.part_m : p.st_m;
-      float* const pl = p.split_keys > 0 ? p.part_l : p.st_l;
-      float* const pa = p.split_keys > 0 ? p.part_acc : p.st_acc;
+      float* const pm = role.split_keys > 0 ? p.part_m : p.st_m;
+      float* const pl = role.split_keys > 0 ? p.part_l : p.st_l;
+      float* const pa = role.split_keys > 0 ? p.part_acc : p.st_acc;
       pm[sr] = m;
       pl[sr] = l;
       for (int d = 0; d < D; ++d) pa[sr * D + d] = acc[d];
