@@ -48,26 +48,82 @@ __global__ void model_add_rows(float* __restrict__ h, float const* __restrict__ 
     h[i] += (a ? a[k] : 0.f) + (b ? b[k] : 0.f);
   }
 }
+/// Sum over the 128 threads of a block (red: 4 floats of shared memory; safe to call again at once).
+__device__ inline float model_block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return red[0] + red[1] + red[2] + red[3];
+}
+
 /// LayerNorm of fp32 rows into bf16, one block of 128 threads per row (statistics in fp32, two passes).
 __global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict__ x, int d, float const* __restrict__ g,
                                                        float const* __restrict__ b, float eps, bf16* __restrict__ y) {
   __shared__ float red[4];
   float const* xr = x + std::size_t(blockIdx.x) * d;
-  auto block_sum = [&](float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
-    return red[0] + red[1] + red[2] + red[3];
-  };
   float s = 0.f;
   for (int k = threadIdx.x; k < d; k += 128) s += xr[k];
-  float const mean = block_sum(s) / d;
+  float const mean = model_block_sum(s, red) / d;
   float q = 0.f;
   for (int k = threadIdx.x; k < d; k += 128) q += (xr[k] - mean) * (xr[k] - mean);
-  float const inv = rsqrtf(block_sum(q) / d + eps);
+  float const inv = rsqrtf(model_block_sum(q, red) / d + eps);
   for (int k = threadIdx.x; k < d; k += 128)
     y[std::size_t(blockIdx.x) * d + k] = __float2bfloat16((xr[k] - mean) * inv * g[k] + b[k]);
+}
+
+/// The same for d a multiple of 4 and at most 512·K: each thread keeps its K float4 pieces of the row
+/// in registers, so the row is read from memory once (the same two-pass statistics).
+template <int K>
+__global__ void __launch_bounds__(128) model_layer_norm_vec(float const* __restrict__ x, int d,
+                                                           float const* __restrict__ g, float const* __restrict__ b,
+                                                           float eps, bf16* __restrict__ y) {
+  __shared__ float red[4];
+  int const n4 = d / 4;
+  auto const* xr = reinterpret_cast<float4 const*>(x + std::size_t(blockIdx.x) * d);
+  float4 v[K];
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    int const i = int(threadIdx.x) + 128 * k;
+    v[k] = i < n4 ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
+  }
+  float const mean = model_block_sum(s, red) / d;
+  float q = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (int(threadIdx.x) + 128 * k < n4) {
+      float const a = v[k].x - mean, c = v[k].y - mean, e = v[k].z - mean, f = v[k].w - mean;
+      q += (a * a + c * c) + (e * e + f * f);
+    }
+  float const inv = rsqrtf(model_block_sum(q, red) / d + eps);
+  auto* const yr = reinterpret_cast<uint2*>(y + std::size_t(blockIdx.x) * d);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    int const i = int(threadIdx.x) + 128 * k;
+    if (i >= n4) continue;
+    float4 const gg = reinterpret_cast<float4 const*>(g)[i], bb = reinterpret_cast<float4 const*>(b)[i];
+    __nv_bfloat162 const lo = __floats2bfloat162_rn((v[k].x - mean) * inv * gg.x + bb.x,
+                                                    (v[k].y - mean) * inv * gg.y + bb.y);
+    __nv_bfloat162 const hi = __floats2bfloat162_rn((v[k].z - mean) * inv * gg.z + bb.z,
+                                                    (v[k].w - mean) * inv * gg.w + bb.w);
+    uint2 o;
+    o.x = *reinterpret_cast<unsigned const*>(&lo);
+    o.y = *reinterpret_cast<unsigned const*>(&hi);
+    yr[i] = o;
+  }
+}
+
+/// LayerNorm launch: the register-resident form where d allows it.
+inline void model_norm(float const* x, int d, float const* g, float const* b, float eps, bf16* y, std::int64_t rows,
+                       cudaStream_t st) {
+  unsigned const grid = unsigned(rows);
+  if (d % 4 == 0 && d <= 512) model_layer_norm_vec<1><<<grid, 128, 0, st>>>(x, d, g, b, eps, y);
+  else if (d % 4 == 0 && d <= 1024) model_layer_norm_vec<2><<<grid, 128, 0, st>>>(x, d, g, b, eps, y);
+  else if (d % 4 == 0 && d <= 2048) model_layer_norm_vec<4><<<grid, 128, 0, st>>>(x, d, g, b, eps, y);
+  else if (d % 4 == 0 && d <= 4096) model_layer_norm_vec<8><<<grid, 128, 0, st>>>(x, d, g, b, eps, y);
+  else model_layer_norm<<<grid, 128, 0, st>>>(x, d, g, b, eps, y);
 }
 
 /// The RoPE table: cos and sin of p·base^(−2i/hd) for every position p < seq and pair i < hd/2, computed
@@ -206,8 +262,7 @@ class model<cuda, Config> {
     for (int b = 0; b < s.blocks; ++b) {
       std::string const pre = "blocks." + std::to_string(b) + ".";
       ev.begin();
-      detail::model_layer_norm<<<unsigned(T), 128, 0, st>>>(h_, dm, v(pre + "norm1.weight"), v(pre + "norm1.bias"),
-                                                            cfg_.norm_eps, ln_);
+      detail::model_norm(h_, dm, v(pre + "norm1.weight"), v(pre + "norm1.bias"), cfg_.norm_eps, ln_, T, st);
       detail::gemm_bf16(blas_, int(T), 3 * dm, dm, ln_, m(pre + "attn.qkv.weight"), qkv_, 0.f);
       detail::model_rope<<<detail::model_grid(std::size_t(T) * dm / 4), 256, 0, st>>>(qkv_, rope_cos_, rope_sin_, T,
                                                                                      seq, dm, hd);
@@ -217,8 +272,7 @@ class model<cuda, Config> {
       ev.end(&model_timing::attention);
       ev.begin();
       detail::gemm_bf16(blas_, int(T), dm, dm, att_, m(pre + "attn.out.weight"), h_, 1.f);
-      detail::model_layer_norm<<<unsigned(T), 128, 0, st>>>(h_, dm, v(pre + "norm2.weight"), v(pre + "norm2.bias"),
-                                                            cfg_.norm_eps, ln_);
+      detail::model_norm(h_, dm, v(pre + "norm2.weight"), v(pre + "norm2.bias"), cfg_.norm_eps, ln_, T, st);
       ev.end(&model_timing::dense);
       ev.begin();
       if (s.experts == 1 && s.shared_experts == 0 && cfg_.activation == ffn_activation::gelu) {  // a dense FFN
@@ -232,7 +286,7 @@ class model<cuda, Config> {
       ev.end(&model_timing::moe);
     }
     ev.begin();
-    detail::model_layer_norm<<<unsigned(T), 128, 0, st>>>(h_, dm, v("norm.weight"), v("norm.bias"), cfg_.norm_eps, ln_);
+    detail::model_norm(h_, dm, v("norm.weight"), v("norm.bias"), cfg_.norm_eps, ln_, T, st);
     detail::gemm_bf16(blas_, int(T), de, dm, ln_, m("down.weight"), x0, 0.f);
     detail::model_add_rows<<<detail::model_grid(std::size_t(T) * de), 256, 0, st>>>(x0, v("down.bias"), nullptr,
                                                                                    std::size_t(T) * de, de);
