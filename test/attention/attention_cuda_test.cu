@@ -156,6 +156,22 @@ TEMPLATE_TEST_CASE("CUDA attention matches the reference for every pattern", "[a
   compare<TestType>(test::documents{}, 2, 150, 2, d);
 }
 
+TEMPLATE_TEST_CASE("CUDA dense attention (128-row tiles on sm_90a): head_dim 128, padded batches, odd N",
+                   "[attention][cuda]", __nv_bfloat16, __half) {
+  compare<TestType>(attn::dense{}, 3, 333, 2, 128, true);
+  compare<TestType>(attn::dense{}, 2, 257, 3, 64, true);
+}
+
+TEMPLATE_TEST_CASE("CUDA attention with more than 16 per-head patterns (several launches of heads)",
+                   "[attention][cuda]", __nv_bfloat16, float) {
+  // 20 heads bind to different dilation rates: the heads run in groups of 16, each group resolving
+  // its segment tables for every ordinary pass before its passes run.
+  int rates[20];
+  for (int h = 0; h < 20; ++h) rates[h] = 1 + h % 5;
+  compare<TestType>(attn::local_window{12} | attn::dilated{2, 90, rates} | attn::global_tokens::strided(9), 2, 211,
+                    20, 64, true);
+}
+
 TEMPLATE_TEST_CASE("CUDA attention with an explicit global list in device memory", "[attention][cuda]",
                    __nv_bfloat16, float) {
   std::vector<int> const list = {2, 40, 41, 200, 511};

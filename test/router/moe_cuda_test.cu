@@ -36,8 +36,8 @@ struct comparison {
 /// bf16-rounded inputs and weights, so only the GPU's bf16 arithmetic differs).
 template <class T, class R>
 comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = moe_gemm_mode::automatic,
-                   int shared = 0, float capacity = 0.f, bool residual = false) {
-  int const T_ = 300, d = 64, f = 128, E = 8;
+                   int shared = 0, float capacity = 0.f, bool residual = false, int d = 64) {
+  int const T_ = 300, f = 128, E = 8;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   auto make = [&](std::size_t n, float s) {
@@ -190,13 +190,18 @@ TEST_CASE("the CUDA MoE adds into an fp32 residual stream", "[router][moe][cuda]
     CHECK(c.worst() <= 1e-5);
     CHECK(c.out_untouched);
   }
+  // d = 62: rows that are not whole 16-byte vectors take the scalar combine.
+  auto const s = compare<float>(top_k{2, true}, false, seed + 3, moe_gemm_mode::automatic, 0, 0.f, true, 62);
+  INFO("scalar combine: " << s.worst());
+  CHECK(s.worst() <= 1e-5);
+  CHECK(s.out_untouched);
   auto const b = compare<__nv_bfloat16>(top_k{8, true}, false, seed + 2, moe_gemm_mode::automatic, 0, 0.f, true);
   INFO("bf16: " << b.worst());
   CHECK(b.worst() <= 1e-2);
   CHECK(b.out_untouched);
 }
 
-TEST_CASE("the CUDA MoE rejects a call with neither out nor residual", "[router][moe][cuda]") {
+TEST_CASE("the CUDA MoE rejects a call with neither out nor residual, or both", "[router][moe][cuda]") {
   cuda_moe_args<float> g;
   g.tokens = 4; g.d_model = 8; g.d_ff = 8; g.experts = 2;
   float dummy = 0.f;
@@ -205,6 +210,11 @@ TEST_CASE("the CUDA MoE rejects a call with neither out nor residual", "[router]
   char ws[64];
   REQUIRE_THROWS_WITH(moe_forward(context<drdiff::cuda>{}, top_k{1, true}, g, ws, sizeof ws),
                       Catch::Contains("out (or residual)"));
+  float res = 0.f;
+  g.out = &dummy;
+  g.residual = &res;
+  REQUIRE_THROWS_WITH(moe_forward(context<drdiff::cuda>{}, top_k{1, true}, g, ws, sizeof ws),
+                      Catch::Contains("out and residual are both set"));
 }
 
 TEST_CASE("the CUDA MoE in bf16 equals the CPU MoE within 1e-2", "[router][moe][cuda]") {

@@ -73,7 +73,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   };
 
   /// Warps of the tensor-core kernel for a policy: 8 (128-row tiles, half the K/V traffic per row)
-  /// when every pass of head 0's pattern is dense, else 4 (64-row tiles, four CTAs per SM), measured
+  /// when every head's pattern is dense, else 4 (64-row tiles, four CTAs per SM), measured
   /// faster for every sparse pattern on the H100 (docs/benchmarks.md). DRDIFF_CUDA_ATTENTION_WARPS
   /// forces one.
   template <class Policy>
@@ -83,9 +83,11 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     return DRDIFF_CUDA_ATTENTION_WARPS;
 #else
     if constexpr (std::is_same_v<seg_t<Policy>, attn::pattern>) {
-      attn::pattern const pt = attn::segments_of(attn::bind(policy, a.seq, 0), a.seq);
-      for (int p = 0; p < pt.num_passes(); ++p)
-        if (pt.kind(p) != attn::pass_kind::dense_rows) return 4;
+      for (int h = 0; h < a.heads; ++h) {  // (heads may bind differently: per-head parameters)
+        attn::pattern const pt = attn::segments_of(attn::bind(policy, a.seq, h), a.seq);
+        for (int p = 0; p < pt.num_passes(); ++p)
+          if (pt.kind(p) != attn::pass_kind::dense_rows) return 4;
+      }
       return 8;
     } else {
       (void)policy, (void)a;
@@ -135,9 +137,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         for (auto const& s : pl.heads) pl.part_rows = std::max(pl.part_rows, s.num_q_tiles(p) * tile_rows);
       pl.part_floats = std::size_t(pl.splits) * a.batch * a.heads * pl.part_rows * (2 + std::size_t(a.head_dim));
     }
-    if constexpr (tensor_cores) {  // one table per ordinary pass, all resolved by one launch
-      DRDIFF_CHECK(int(pl.plain.size()) <= cuda_segment_passes::max, "attention (cuda): ", pl.plain.size(),
-                   " ordinary passes (internal limit ", cuda_segment_passes::max, ")");
+    if constexpr (tensor_cores) {  // one table per ordinary pass, resolved before the first pass
       std::size_t const entries = pl.shared ? 1 : std::size_t(std::min(a.heads, cuda_table_heads));
       for (int p : pl.plain) {
         int tiles = 0;
@@ -332,30 +332,37 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         for (int i = 0; i < hn; ++i) m = std::max(m, pl.heads[h0 + i].num_q_tiles(p));
         return m;
       };
-      // Every ordinary pass's tile segments, resolved by one launch before the first pass (a
-      // one-pass pattern called without a workspace collects them in each CTA instead).
-      std::int64_t seg_offset[cuda_segment_passes::max] = {};
+      // Every ordinary pass's tile segments, resolved before the first pass by one launch per
+      // cuda_segment_passes::max passes (one launch for every pattern; a one-pass pattern called
+      // without a workspace collects them in each CTA instead).
+      std::vector<std::int64_t> seg_offset(pl.plain.size(), 0);
       bool const tables = pl.seg_entries > 0 && workspace != nullptr;
       if (tables) {
+        std::int64_t next = 0;  // first table entry of the next pass
         cuda_segment_passes ps;
         int most = 0;
-        for (int p : pl.plain) {
-          int const nt = tiles(p);
-          if (nt == 0) continue;
-          ps.pass[ps.n] = p;
-          ps.tail[ps.n] = pl.tail_global && p == pl.plain.back() ? 1 : 0;
-          ps.tiles[ps.n] = nt;
-          ps.offset[ps.n] = ps.n == 0 ? 0 : ps.offset[ps.n - 1] + std::int64_t(ps.tiles[ps.n - 1]) * prm.table_size;
-          ps.n++;
-          most = std::max(most, nt);
-        }
-        for (int i = 0, j = 0; i < int(pl.plain.size()); ++i)
-          if (tiles(pl.plain[std::size_t(i)]) > 0) seg_offset[i] = ps.offset[j++];
-        if (ps.n > 0) {
+        auto flush = [&] {
+          if (ps.n == 0) return;
           attention_segments_kernel<T, Seg><<<dim3(unsigned((most + 127) / 128), unsigned(prm.table_size),
                                                    unsigned(ps.n)), 128, 0, stream>>>(prm, ps, seg_table, seg_count);
           DRDIFF_CUDA_CHECK(cudaGetLastError());
+          ps = cuda_segment_passes{};
+          most = 0;
+        };
+        for (std::size_t i = 0; i < pl.plain.size(); ++i) {
+          int const p = pl.plain[i], nt = tiles(p);
+          if (nt == 0) continue;
+          seg_offset[i] = next;
+          ps.pass[ps.n] = p;
+          ps.tail[ps.n] = pl.tail_global && i + 1 == pl.plain.size() ? 1 : 0;
+          ps.tiles[ps.n] = nt;
+          ps.offset[ps.n] = next;
+          ps.n++;
+          next += std::int64_t(nt) * prm.table_size;
+          most = std::max(most, nt);
+          if (ps.n == cuda_segment_passes::max) flush();
         }
+        flush();
       }
       // The key splits of the global-row pass run in the launch of the first ordinary pass (its
       // CTAs first), when there is one; the merge follows the last ordinary pass either way.

@@ -52,7 +52,7 @@ struct cuda_moe_args {
   T const* w_up = nullptr;
   T const* w_gate = nullptr;  ///< SwiGLU only
   T const* w_down = nullptr;
-  T* out = nullptr;  ///< [tokens × d_model]; not written when `residual` is set
+  T* out = nullptr;  ///< [tokens × d_model]; exactly one of out and residual is set
   /// Optional fp32 [tokens × d_model]: when set, the combined output is added to it in fp32 (a
   /// residual stream, the add fused into the combine) instead of being written to `out`.
   float* residual = nullptr;
@@ -437,6 +437,7 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
                a.d_model, ", d_ff = ", a.d_ff, " must be positive");
   DRDIFF_CHECK(a.x && a.w_router && a.w_up && a.w_down && (a.out || a.residual) && a.cublas,
                "moe (cuda): x, w_router, w_up, w_down, out (or residual) and the cuBLAS handle must be set");
+  DRDIFF_CHECK(!(a.out && a.residual), "moe (cuda): out and residual are both set; the output goes to one of them");
   DRDIFF_CHECK(a.act != cuda_activation::swiglu || a.w_gate, "moe: SwiGLU needs w_gate");
   DRDIFF_CHECK(a.shared_experts >= 0, "moe: shared_experts = ", a.shared_experts, " must be >= 0");
   DRDIFF_CHECK(a.shared_experts == 0 || (a.w_shared_up && a.w_shared_down &&
