@@ -10,9 +10,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${DRDIFF_BUILD_DIR:-$root/build}
-out=$1
+mkdir -p "$1"
+out=$(cd "$1" && pwd)  # absolute: the link step runs in the build folder
 shift
-mkdir -p "$out"
 dir=$build/bench/CMakeFiles/drdiff.bench.attention.cuda.dir
 [ -f "$dir/flags.make" ] || { echo "attention_variants: configure $build with DRDIFF_ENABLE_CUDA=ON first" >&2; exit 1; }
 flags=$(sed -n 's/^CUDA_FLAGS = //p' "$dir/flags.make")
