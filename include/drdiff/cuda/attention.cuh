@@ -72,25 +72,23 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     }
   };
 
-  /// Warps of the tensor-core kernel for a policy: 8 (128-row tiles, half the K/V traffic per row)
-  /// when every head's pattern is dense, else 4 (64-row tiles, four CTAs per SM), measured
+  /// Warps of the tensor-core kernel for the bound heads: 8 (128-row tiles, half the K/V traffic per
+  /// row) when every head's pattern is dense, else 4 (64-row tiles, four CTAs per SM), measured
   /// faster for every sparse pattern on the H100 (docs/benchmarks.md). DRDIFF_CUDA_ATTENTION_WARPS
   /// forces one.
-  template <class Policy>
-  static int choose_warps(Policy const& policy, attention_args<T> const& a) {
+  template <class Seg>
+  static int choose_warps(std::vector<Seg> const& heads) {
 #ifdef DRDIFF_CUDA_ATTENTION_WARPS
-    (void)policy, (void)a;
+    (void)heads;
     return DRDIFF_CUDA_ATTENTION_WARPS;
 #else
-    if constexpr (std::is_same_v<seg_t<Policy>, attn::pattern>) {
-      for (int h = 0; h < a.heads; ++h) {  // (heads may bind differently: per-head parameters)
-        attn::pattern const pt = attn::segments_of(attn::bind(policy, a.seq, h), a.seq);
+    if constexpr (std::is_same_v<Seg, attn::pattern>) {
+      for (auto const& pt : heads)
         for (int p = 0; p < pt.num_passes(); ++p)
           if (pt.kind(p) != attn::pass_kind::dense_rows) return 4;
-      }
       return 8;
     } else {
-      (void)policy, (void)a;
+      (void)heads;
       return 4;
     }
 #endif
@@ -99,15 +97,15 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   template <class Policy>
   static plan<Policy> make_plan(Policy const& policy, attention_args<T> const& a) {
     plan<Policy> pl;
-    pl.warps = choose_warps(policy, a);
+    for (int h = 0; h < a.heads; ++h) pl.heads.push_back(attn::segments_of(attn::bind(policy, a.seq, h), a.seq));
+    // The tile height follows from the bound heads; patterns take it as their segment tile.
+    pl.warps = choose_warps(pl.heads);
     pl.tile_rows = rows_for(pl.warps);
     int const tile_rows = pl.tile_rows;
-    for (int h = 0; h < a.heads; ++h) {
-      auto bound = attn::bind(policy, a.seq, h);
-      if constexpr (std::is_same_v<decltype(bound), attn::pattern>) bound.tile = tile_rows;
-      pl.heads.push_back(attn::segments_of(bound, a.seq));
-      if (h > 0 && std::memcmp(&pl.heads[h], &pl.heads[0], sizeof(pl.heads[0])) != 0) pl.shared = false;
-    }
+    if constexpr (std::is_same_v<seg_t<Policy>, attn::pattern>)
+      for (auto& pt : pl.heads) pt.tile = tile_rows;
+    for (int h = 1; h < a.heads; ++h)
+      if (std::memcmp(&pl.heads[h], &pl.heads[0], sizeof(pl.heads[0])) != 0) pl.shared = false;
     int const passes = pl.heads[0].num_passes();
     for (auto const& s : pl.heads)
       DRDIFF_CHECK(s.num_passes() == passes, "attention (cuda): heads bind to patterns with different pass counts ",
@@ -335,7 +333,6 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
       // Every ordinary pass's tile segments, resolved before the first pass by one launch per
       // cuda_segment_passes::max passes (one launch for every pattern; a one-pass pattern called
       // without a workspace collects them in each CTA instead).
-      std::vector<std::int64_t> seg_offset(pl.plain.size(), 0);
       bool const tables = pl.seg_entries > 0 && workspace != nullptr;
       if (tables) {
         std::int64_t next = 0;  // first table entry of the next pass
@@ -352,7 +349,6 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         for (std::size_t i = 0; i < pl.plain.size(); ++i) {
           int const p = pl.plain[i], nt = tiles(p);
           if (nt == 0) continue;
-          seg_offset[i] = next;
           ps.pass[ps.n] = p;
           ps.tail[ps.n] = pl.tail_global && i + 1 == pl.plain.size() ? 1 : 0;
           ps.tiles[ps.n] = nt;
@@ -368,6 +364,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
       // CTAs first), when there is one; the merge follows the last ordinary pass either way.
       int const co_pass = tensor_cores && !pl.split.empty() ? pl.split.front() : -1;
       bool co_done = false;
+      std::int64_t seg_at = 0;  // the pass's first table entry: the pre-pass laid the tables out in this order
       for (std::size_t i = 0; i < pl.plain.size(); ++i) {
         int const p = pl.plain[i];
         prm.pass = p;
@@ -377,9 +374,10 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.split_keys = 0;
         int const nt = tiles(p);
         if (nt == 0) continue;
-        prm.seg_table = tables ? seg_table + seg_offset[i] * cuda_segment_batch : nullptr;
-        prm.seg_count = tables ? seg_count + seg_offset[i] : nullptr;
+        prm.seg_table = tables ? seg_table + seg_at * cuda_segment_batch : nullptr;
+        prm.seg_count = tables ? seg_count + seg_at : nullptr;
         prm.seg_tiles = nt;
+        seg_at += std::int64_t(nt) * prm.table_size;
         prm.co_ctas = 0;
         if (co_pass >= 0 && !co_done && tiles(co_pass) > 0) {
           prm.co_pass = co_pass;
