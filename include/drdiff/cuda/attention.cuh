@@ -62,6 +62,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     bool shared = true;               // every head binds to the same policy
     std::vector<int> plain, split;    // passes over ordinary rows, key-split passes (global rows)
     bool tail_global = false;         // the last plain pass also runs the global-key pass (not launched)
+    bool band_first = false;          // the first plain pass runs on the band kernel (no segment table)
     int split_keys = 0, splits = 0, part_rows = 0;
     std::size_t state_floats = 0, part_floats = 0;
     std::size_t seg_entries = 0;  // tiles × table entries of every plain pass (the segment tables)
@@ -124,6 +125,14 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         pl.plain.pop_back();
       }
     }
+    // A window pass that starts its rows' state and carries no global-key tail runs on the band kernel.
+    if constexpr (tensor_cores && std::is_same_v<seg_t<Policy>, attn::pattern>) {
+#ifndef DRDIFF_CUDA_ATTENTION_NO_BAND
+      pl.band_first = pl.warps == 4 && !pl.plain.empty() && !(pl.tail_global && pl.plain.size() == 1);
+      for (auto const& pt : pl.heads)
+        pl.band_first = pl.band_first && pt.kind(pl.plain.front()) == attn::pass_kind::window_band;
+#endif
+    }
     std::size_t const rows = std::size_t(a.batch) * a.heads * a.seq;
     if (pl.plain.size() > 1) pl.state_floats = rows * (2 + std::size_t(a.head_dim));
     if (!pl.split.empty()) {
@@ -137,9 +146,9 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     }
     if constexpr (tensor_cores) {  // one table per ordinary pass, resolved before the first pass
       std::size_t const entries = pl.shared ? 1 : std::size_t(std::min(a.heads, cuda_table_heads));
-      for (int p : pl.plain) {
+      for (std::size_t i = pl.band_first ? 1 : 0; i < pl.plain.size(); ++i) {
         int tiles = 0;
-        for (auto const& s : pl.heads) tiles = std::max(tiles, s.num_q_tiles(p));
+        for (auto const& s : pl.heads) tiles = std::max(tiles, s.num_q_tiles(pl.plain[i]));
         pl.seg_entries += std::size_t(tiles) * entries;
       }
     }
@@ -214,9 +223,19 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
   }
 
   template <int D, int W, class Seg>
-  static void launch(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream, kernel_shape k) {
+  static void launch(cuda_attention_params<T, Seg> const& prm, dim3 grid, cudaStream_t stream, kernel_shape k,
+                     bool band) {
     if constexpr (tensor_cores) {
       int const smem = smem_bytes(D, W, k.stages, k.slack);
+      if constexpr (W == 4 && std::is_same_v<Seg, attn::pattern>) {
+        if (band) {
+          auto const kernel = k.stages == 3 ? attention_band_kernel<T, D, 3> : attention_band_kernel<T, D, 2>;
+          DRDIFF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+          kernel<<<grid, 128, smem, stream>>>(prm);
+          DRDIFF_CUDA_CHECK(cudaGetLastError());
+          return;
+        }
+      }
       auto const kernel =
           k.stages == 3 ? attention_mma_kernel<T, D, 3, W, Seg> : attention_mma_kernel<T, D, 2, W, Seg>;
       // Per call: the attribute belongs to the current device, and setting it costs microseconds.
@@ -225,6 +244,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     } else {
       attention_simt_kernel<T, Seg><<<grid, 64, 2 * 16 * prm.dim * sizeof(float), stream>>>(prm);
     }
+    (void)band;
     DRDIFF_CUDA_CHECK(cudaGetLastError());
   }
 
@@ -260,14 +280,14 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
 
   template <class Seg>
   static void launch_dim(cuda_attention_params<T, Seg> const& prm, int warps, dim3 grid, cudaStream_t stream,
-                         kernel_shape k) {
+                         kernel_shape k, bool band = false) {
     if constexpr (tensor_cores) {
       with_warps<Seg>(warps, [&](auto w) {
-        if (prm.dim == 64) launch<64, decltype(w)::value>(prm, grid, stream, k);
-        else launch<128, decltype(w)::value>(prm, grid, stream, k);
+        if (prm.dim == 64) launch<64, decltype(w)::value>(prm, grid, stream, k, band);
+        else launch<128, decltype(w)::value>(prm, grid, stream, k, band);
       });
     } else {
-      launch<0, 4>(prm, grid, stream, k);
+      launch<0, 4>(prm, grid, stream, k, band);
     }
   }
 
@@ -346,7 +366,7 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
           ps = cuda_segment_passes{};
           most = 0;
         };
-        for (std::size_t i = 0; i < pl.plain.size(); ++i) {
+        for (std::size_t i = pl.band_first ? 1 : 0; i < pl.plain.size(); ++i) {
           int const p = pl.plain[i], nt = tiles(p);
           if (nt == 0) continue;
           ps.pass[ps.n] = p;
@@ -374,19 +394,20 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         prm.split_keys = 0;
         int const nt = tiles(p);
         if (nt == 0) continue;
-        prm.seg_table = tables ? seg_table + seg_at * cuda_segment_batch : nullptr;
-        prm.seg_count = tables ? seg_count + seg_at : nullptr;
+        bool const band = i == 0 && pl.band_first;  // (no table; the splits ride with a later pass)
+        prm.seg_table = tables && !band ? seg_table + seg_at * cuda_segment_batch : nullptr;
+        prm.seg_count = tables && !band ? seg_count + seg_at : nullptr;
         prm.seg_tiles = nt;
-        seg_at += std::int64_t(nt) * prm.table_size;
+        if (!band) seg_at += std::int64_t(nt) * prm.table_size;
         prm.co_ctas = 0;
-        if (co_pass >= 0 && !co_done && tiles(co_pass) > 0) {
+        if (co_pass >= 0 && !co_done && !band && tiles(co_pass) > 0) {
           prm.co_pass = co_pass;
           prm.co_tiles = tiles(co_pass);
           prm.co_split_keys = pl.split_keys;
           prm.co_ctas = prm.co_tiles * pl.splits;
           co_done = true;
         }
-        launch_dim(prm, pl.warps, dim3(unsigned(prm.co_ctas + nt), unsigned(a.batch * hn), 1), stream, shape);
+        launch_dim(prm, pl.warps, dim3(unsigned(prm.co_ctas + nt), unsigned(a.batch * hn), 1), stream, shape, band);
         prm.co_ctas = 0;
         prm.seg_table = nullptr;
         prm.seg_count = nullptr;

@@ -139,6 +139,13 @@ DRDIFF_DEVICE void fence_proxy_async() {
 /// Keeps the compiler from moving reads of `x` above a wgmma wait (or reusing its register early).
 DRDIFF_DEVICE void wgmma_keep(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 DRDIFF_DEVICE void wgmma_keep(unsigned& x) { asm volatile("" : "+r"(x)::"memory"); }
+template <class X, int N, int M>
+DRDIFF_DEVICE void wgmma_keep(X (&a)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j) wgmma_keep(a[i][j]);
+}
 
 /// Per-type warpgroup MMA: d[O .. O+7][·] (+)= a · b for a 64×16 A in registers (the mma.sync A
 /// fragment layout, 16 rows per warp) and a 16×64 B in shared memory (descriptor). The accumulator

@@ -259,6 +259,195 @@ __device__ inline std::int64_t cuda_state_row(P const& p, cuda_cta_role const& r
   return (std::int64_t(b) * p.heads + h) * p.seq + row;
 }
 
+/// The first tile of the dynamic shared memory: on sm_90a at the next 1024-byte boundary (the 128-byte
+/// swizzle's period; the host adds the slack).
+template <class T>
+__device__ __forceinline__ T* cuda_tile_base(unsigned char* raw) {
+#if DRDIFF_WGMMA
+  return reinterpret_cast<T*>(raw + ((1024 - (smem_u32(raw) & 1023)) & 1023));
+#else
+  return reinterpret_cast<T*>(raw);
+#endif
+}
+
+/// Q as mma.sync A fragments, loaded once per tile (the wgmma path reads Q from shared memory).
+template <int D>
+struct cuda_q_frags {
+#if !DRDIFF_WGMMA
+  unsigned f[D / 16][4];
+#endif
+};
+
+/// Row r, 16-byte chunk c of a tile of R rows × D columns, stored as D / 64 panels of R × 64 (128-byte
+/// rows) with chunk c of row r at chunk c ^ (r % 8): the wgmma 128-byte swizzle layout, and
+/// conflict-free for ldmatrix.
+template <int R>
+__device__ __forceinline__ int cuda_swz(int r, int c) {
+  return ((c >> 3) * R + r) * 64 + (((c & 7) ^ (r & 7)) << 3);
+}
+
+/// One chunk of BN keys against this warp's 16 query rows of a tile of BM (a warpgroup's 64 on sm_90a):
+/// S = Q·Kᵀ, the online-softmax update of the running max m (base 2), sum l and output acc, then
+/// acc += P·V. K and V are the chunk's tiles in shared memory. An exact chunk (every key owned by
+/// every row) skips the mask; otherwise mask(s, mx) scales the scores by sc (the softmax scale in
+/// base 2), sets the scores of pairs the pass does not own to −inf and takes each row's maximum
+/// into mx.
+template <class T, int D, int BM, int BN, class Mask>
+__device__ __forceinline__ void cuda_attention_chunk(T const* sq, T const* ck, T const* cv, cuda_q_frags<D> const& qf,
+                                                     bool exact, float sc, Mask const& mask, float (&m)[2],
+                                                     float (&l)[2], float (&acc)[D / 8][4]) {
+  using ops = mma16<T>;
+  int const warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  (void)warp, (void)lane, (void)sq, (void)qf;
+  float s[BN / 8][4];
+#if DRDIFF_WGMMA
+  // S = Q·Kᵀ: one warpgroup MMA per 16 columns of D, Q and K read from shared memory (K-major).
+  wgmma_fence();
+  // (Descriptors: one per tile base, then constant steps — the address arithmetic is per chunk.)
+  std::uint64_t const dq0 = wgmma_desc_sw128(sq + (warp >> 2) * 64 * 64), dk0 = wgmma_desc_sw128(ck);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    wgmma64<T>::template mma_ss<0, 0>(s, wgmma_desc_advance<T>(dq0, (kk >> 2) * BM * 64 + (kk & 3) * 16),
+                                      wgmma_desc_advance<T>(dk0, (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_keep(s);
+#else
+#pragma unroll
+  for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int np = 0; np < BN / 16; ++np) {
+      unsigned bf[4];
+      ldmatrix_x4(bf, ck + cuda_swz<BN>(np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
+      ops::mma(s[2 * np], qf.f[kk], bf[0], bf[1]);
+      ops::mma(s[2 * np + 1], qf.f[kk], bf[2], bf[3]);
+    }
+#endif
+  // Running max in base 2. Exact chunks keep the raw scores (the scale is applied inside the
+  // exponent below, one FFMA each); masked chunks are scaled here with −inf on masked keys.
+  float mx[2] = {-INFINITY, -INFINITY};
+  float scl = 1.f;  // factor applied to s in the exponent
+  if (exact) {  // the common case: no mask (kept apart so its loop stays branch-free)
+    scl = sc;
+    if (sc >= 0.f) {
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], -s[nt][e]);
+    }
+    mx[0] *= fabsf(sc);
+    mx[1] *= fabsf(sc);
+  } else {
+    mask(s, mx);
+  }
+  float alpha[2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], 1));
+    mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], 2));
+    float const m_new = fmaxf(m[x], mx[x]);
+    alpha[x] = m_new == -INFINITY ? 1.f : fast_exp2(m[x] - m_new);
+    mx[x] = m_new == -INFINITY ? 0.f : m_new;  // subtrahend for exp2 (all −inf rows give 0)
+    m[x] = m_new;
+    l[x] *= alpha[x];
+  }
+#pragma unroll
+  for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float const pv = fast_exp2(fmaf(s[nt][e], scl, -mx[e / 2]));
+      s[nt][e] = pv;
+      l[e / 2] += pv;
+    }
+  // Rescale the output only when some row's max moved (after the first chunks it rarely does).
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      acc[dt][0] *= alpha[0];
+      acc[dt][1] *= alpha[0];
+      acc[dt][2] *= alpha[1];
+      acc[dt][3] *= alpha[1];
+    }
+  }
+  // O += P · V.
+#if DRDIFF_WGMMA
+  {  // P from registers (the A fragment layout), V from shared memory (rows of keys: transposed B)
+    unsigned pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = ops::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = ops::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    wgmma_fence();
+    std::uint64_t const dv0 = wgmma_desc_sw128(cv);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      wgmma64<T>::template mma<1, 0>(acc, pa[kk], wgmma_desc_advance<T>(dv0, kk * 16 * 64), 1);
+      if constexpr (D == 128)
+        wgmma64<T>::template mma<1, D / 8 - 8>(acc, pa[kk], wgmma_desc_advance<T>(dv0, BN * 64 + kk * 16 * 64), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_keep(pa);
+    wgmma_keep(acc);
+  }
+#else
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    unsigned const pa[4] = {ops::pack(s[2 * kk][0], s[2 * kk][1]), ops::pack(s[2 * kk][2], s[2 * kk][3]),
+                            ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      unsigned bf[4];
+      ldmatrix_x4_trans(bf, cv + cuda_swz<BN>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+      ops::mma(acc[2 * dp], pa, bf[0], bf[1]);
+      ops::mma(acc[2 * dp + 1], pa, bf[2], bf[3]);
+    }
+  }
+#endif
+}
+
+/// Writes one row's result from fragment half x (rows g or g + 8) of this thread's accumulator: with
+/// `out`, the normalized output and its log-sum-exp; else the running state (m, l, acc) at row sr of
+/// the pass state or, for a key split, of the split partials.
+template <int D, class T, class Seg>
+__device__ __forceinline__ void cuda_write_row(cuda_attention_params<T, Seg> const& p, int b, int h, int row, bool out,
+                                               bool split, std::int64_t sr, float m, float l,
+                                               float const (&acc)[D / 8][4], int x) {
+  int const tig = int(threadIdx.x) % 4;
+  if (out) {
+    float const inv = l > 0.f ? 1.f / l : 0.f;
+    T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) mma16<T>::store2(o + dt * 8 + tig * 2, acc[dt][2 * x] * inv, acc[dt][2 * x + 1] * inv);
+    if (p.lse && tig == 0)
+      p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] = l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+  } else {
+    float* const pm = split ? p.part_m : p.st_m;
+    float* const pl = split ? p.part_l : p.st_l;
+    float* const pa = split ? p.part_acc : p.st_acc;
+    if (tig == 0) {
+      pm[sr] = m;
+      pl[sr] = l;
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<float2*>(pa + sr * D + dt * 8 + tig * 2) = make_float2(acc[dt][2 * x], acc[dt][2 * x + 1]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Tensor-core kernel: W warps × 16 query rows, chunks of cuda_attention_bn keys, head_dim D (64 or 128).
 
@@ -271,13 +460,7 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
   using ops = mma16<T>;
   static_assert(!DRDIFF_WGMMA || BM % 64 == 0, "attention: the wgmma path runs whole warpgroups (4 warps, 64 rows)");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-#if DRDIFF_WGMMA
-  // Tiles start on 1024-byte boundaries (the 128-byte swizzle's period; the host adds the slack).
-  unsigned char* const smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-#else
-  unsigned char* const smem_base = smem_raw;
-#endif
-  T* const sq = reinterpret_cast<T*>(smem_base);
+  T* const sq = cuda_tile_base<T>(smem_raw);
   T* const sk = sq + BM * D;  // S stages of BN × D
   T* const sv = sk + S * BN * D;
   __shared__ __align__(16) unsigned char segs_raw[sizeof(cuda_segment) * cuda_segment_batch];
@@ -287,7 +470,11 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
   __shared__ int tail_chunk;  // first chunk of the global-key tail (INT_MAX: none)
   // Key index per row of chunks c .. c + 3 (slot c % 4); cuda_no_key: none.
   __shared__ __align__(16) int kidx[4][BN];
-  __shared__ int kexact[4];  // chunk needs no mask
+  // Byte w of kexact[slot]: the chunk's keys 32w .. 32w + 31 need no mask (written by the warp that
+  // resolved them; the chunk is exact when every byte is 1).
+  __shared__ unsigned kexact[4];
+  static_assert(BN / 32 <= 4, "attention: one byte of kexact per warp of keys");
+  constexpr unsigned exact_all = BN == 32 ? 0x1u : BN == 64 ? 0x101u : BN == 96 ? 0x10101u : 0x1010101u;
 
   int b, h;
   cuda_bh(p, b, h);
@@ -322,10 +509,8 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
   T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
   T const* const kb = p.k + b * p.ks.batch + h * p.ks.head;
   T const* const vb = p.v + b * p.vs.batch + h * p.vs.head;
-  // Tiles of R rows × D columns as D / 64 panels of R × 64 (128-byte rows), 16-byte chunk c of row r
-  // at chunk c ^ (r % 8): the wgmma 128-byte swizzle layout, and conflict-free for ldmatrix.
-  auto swz_q = [](int r, int c) { return ((c >> 3) * BM + r) * 64 + (((c & 7) ^ (r & 7)) << 3); };
-  auto swz = [](int r, int c) { return ((c >> 3) * BN + r) * 64 + (((c & 7) ^ (r & 7)) << 3); };
+  auto const swz_q = cuda_swz<BM>;  // Q and K/V tiles in the 128-byte swizzled layout
+  auto const swz = cuda_swz<BN>;
 
   for (int r0 = 0; r0 < all_rows.count; r0 += BM) {
     attn::index_range const rows = all_rows.sub(r0, min(BM, all_rows.count - r0));
@@ -375,8 +560,8 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
     cp_async_commit();
 #if !DRDIFF_WGMMA
     bool q_ready = false;
-    unsigned qf[D / 16][4];  // Q as mma.sync A fragments (the wgmma path reads Q from shared memory)
 #endif
+    cuda_q_frags<D> qf;
 
     for (int skip = 0;; skip += cuda_segment_batch) {
       if (tid == 0) {  // the segments form one stream of keys, cut into chunks of BN
@@ -407,34 +592,28 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
       int const total = (total_keys + BN - 1) / BN;
 
       // Chunk c: keys c·BN .. of the stream. Its key indices and exactness are resolved once, S chunks
-      // ahead, into slot c % 4 (one thread per key), so the copies and the mask only read them. K/V go
-      // through S stages: chunk c + S − 1 loads while chunk c computes, and the one barrier per chunk
-      // both publishes chunk c and frees the stage of chunk c − 1 for reuse.
+      // ahead, into slot c % 4 (the first BN threads, one key each: whole warps, which vote on
+      // exactness), so the copies and the mask only read them. K/V go through S stages: chunk c + S − 1
+      // loads while chunk c computes, and the one barrier per chunk both publishes chunk c and frees the
+      // stage of chunk c − 1 for reuse.
+      static_assert(BN % 32 == 0 && BN <= NT, "attention: whole warps resolve a chunk's keys");
       auto fill_keys = [&](int c) {
-        int const slot = c & 3;
-        for (int r = tid; r < BN; r += NT) {
-          int const gk = c * BN + r;
-          int j = cuda_no_key;
-          if (gk < total_keys) {
-            int s = 0;
-            while (seg_start[s + 1] <= gk) ++s;
-            int const o = gk - seg_start[s];
-            if (o < segs[s].keys.count) j = segs[s].keys[o];  // else: the gap before the tail
+        if (tid >= BN) return;
+        int const slot = c & 3, gk = c * BN + tid;
+        int j = cuda_no_key;
+        bool ex = false;  // a key of an exact segment (a slot with no key needs the mask)
+        if (gk < total_keys) {
+          int lo = 0;  // the last segment starting at or before gk
+          while (seg_start[lo + 1] <= gk) ++lo;
+          int const o = gk - seg_start[lo];
+          if (o < segs[lo].keys.count) {  // else: the gap before the tail
+            j = segs[lo].keys[o];
+            ex = segs[lo].exact != 0;
           }
-          kidx[slot][r] = j;
         }
-        if (tid == NT - 1) {  // a chunk needs no mask when segments cover it and each one it touches is exact
-          int const k0 = c * BN, k1 = k0 + BN;
-          int covered = 0;
-          bool ex = true;
-          for (int s = 0; ex && s < ns; ++s) {
-            int const a = max(k0, seg_start[s]), e = min(k1, seg_start[s] + segs[s].keys.count);
-            if (e <= a) continue;
-            covered += e - a;
-            ex = segs[s].exact != 0;
-          }
-          kexact[slot] = ex && covered == BN ? 1 : 0;
-        }
+        kidx[slot][tid] = j;
+        bool const all = __all_sync(0xffffffffu, ex);
+        if (lane == 0) reinterpret_cast<unsigned char*>(&kexact[slot])[warp] = all ? 1 : 0;
       };
       auto load_chunk = [&](int stage, int c) {
         T* const dk = sk + stage * BN * D;
@@ -468,172 +647,51 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
         if (!q_ready) {
 #pragma unroll
           for (int kk = 0; kk < D / 16; ++kk)
-            ldmatrix_x4(qf[kk], sq + swz_q(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            ldmatrix_x4(qf.f[kk], sq + swz_q(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
           q_ready = true;
         }
 #endif
-        bool const exact = kexact[c & 3] != 0;
+        bool const exact = (kexact[c & 3] & exact_all) == exact_all;  // (bytes past BN / 32 are never written)
         int const* const keys = kidx[c & 3];
         T const* const ck = sk + stage * BN * D;
         T const* const cv = sv + stage * BN * D;
 
-        float s[BN / 8][4];
-#if DRDIFF_WGMMA
-        // S = Q·Kᵀ: one warpgroup MMA per 16 columns of D, Q and K read from shared memory (K-major).
-        wgmma_fence();
-        // (Descriptors: one per tile base, then constant steps — the address arithmetic is per chunk.)
-        std::uint64_t const dq0 = wgmma_desc_sw128(sq + (warp >> 2) * 64 * 64), dk0 = wgmma_desc_sw128(ck);
+        auto mask = [&](float (&s)[BN / 8][4], float (&mx)[2]) {
+          float const sc = p.scale_log2;
+          if (band && c < tail_chunk) {
+            int lo[2];  // rows this pass does not own get a bound no distance reaches
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          wgmma64<T>::template mma_ss<0, 0>(s, wgmma_desc_advance<T>(dq0, (kk >> 2) * BM * 64 + (kk & 3) * 16),
-                                            wgmma_desc_advance<T>(dk0, (kk >> 2) * BN * 64 + (kk & 3) * 16), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
+            for (int x = 0; x < 2; ++x) lo[x] = row_live[x] ? band_lo : 0x60000000;
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt)
+            for (int nt = 0; nt < BN / 8; ++nt) {
+              int2 const j2 = *reinterpret_cast<int2 const*>(keys + nt * 8 + tig * 2);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) wgmma_keep(s[nt][e]);
-#else
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-          for (int np = 0; np < BN / 16; ++np) {
-            unsigned bf[4];
-            ldmatrix_x4(bf, ck + swz(np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
-            ops::mma(s[2 * np], qf[kk], bf[0], bf[1]);
-            ops::mma(s[2 * np + 1], qf[kk], bf[2], bf[3]);
-          }
-#endif
-        // Running max in base 2. Exact chunks keep the raw scores (the scale is applied inside the
-        // exponent below, one FFMA each); masked chunks are scaled here with −inf on masked keys.
-        float mx[2] = {-INFINITY, -INFINITY};
-        float const sc = p.scale_log2;
-        float scl = 1.f;  // factor applied to s in the exponent
-        if (exact) {  // the common case: no mask (kept apart so its loop stays branch-free)
-          scl = sc;
-          if (sc >= 0.f) {
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
-          } else {
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], -s[nt][e]);
-          }
-          mx[0] *= fabsf(sc);
-          mx[1] *= fabsf(sc);
-        } else if (band && c < tail_chunk) {
-          int lo[2];  // rows this pass does not own get a bound no distance reaches
-#pragma unroll
-          for (int x = 0; x < 2; ++x) lo[x] = row_live[x] ? band_lo : 0x60000000;
-#pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt) {
-            int2 const j2 = *reinterpret_cast<int2 const*>(keys + nt * 8 + tig * 2);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              int const x = e / 2, j = (e & 1) ? j2.y : j2.x;
-              bool const ok = unsigned(abs(row_id[x] - j) - lo[x]) <= unsigned(band_len);
-              s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
-              mx[x] = fmaxf(mx[x], s[nt][e]);
-            }
-          }
-        } else {
-          attn::pass_kind const ck_kind = c < tail_chunk ? kind : attn::pass_kind::global_keys;
-#pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              int const x = e / 2, j = keys[nt * 8 + tig * 2 + (e & 1)];
-              bool ok = j >= 0 && row_live[x];
-              if constexpr (std::is_same_v<Seg, attn::pattern>) {
-                ok = ok && seg.owns_segment_key(ck_kind, comp, row_id[x], j);
-              } else {
-                ok = ok && seg.owns(pass, row_id[x], j);
+              for (int e = 0; e < 4; ++e) {
+                int const x = e / 2, j = (e & 1) ? j2.y : j2.x;
+                bool const ok = unsigned(abs(row_id[x] - j) - lo[x]) <= unsigned(band_len);
+                s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
+                mx[x] = fmaxf(mx[x], s[nt][e]);
               }
-              s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
-              mx[x] = fmaxf(mx[x], s[nt][e]);
             }
-        }
-        float alpha[2];
+          } else {
+            attn::pass_kind const ck_kind = c < tail_chunk ? kind : attn::pass_kind::global_keys;
 #pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], 1));
-          mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], 2));
-          float const m_new = fmaxf(m[x], mx[x]);
-          alpha[x] = m_new == -INFINITY ? 1.f : fast_exp2(m[x] - m_new);
-          mx[x] = m_new == -INFINITY ? 0.f : m_new;  // subtrahend for exp2 (all −inf rows give 0)
-          m[x] = m_new;
-          l[x] *= alpha[x];
-        }
+            for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float const pv = fast_exp2(fmaf(s[nt][e], scl, -mx[e / 2]));
-            s[nt][e] = pv;
-            l[e / 2] += pv;
+              for (int e = 0; e < 4; ++e) {
+                int const x = e / 2, j = keys[nt * 8 + tig * 2 + (e & 1)];
+                bool ok = j >= 0 && row_live[x];
+                if constexpr (std::is_same_v<Seg, attn::pattern>) {
+                  ok = ok && seg.owns_segment_key(ck_kind, comp, row_id[x], j);
+                } else {
+                  ok = ok && seg.owns(pass, row_id[x], j);
+                }
+                s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
+                mx[x] = fmaxf(mx[x], s[nt][e]);
+              }
           }
-        // Rescale the output only when some row's max moved (after the first chunks it rarely does).
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            acc[dt][0] *= alpha[0];
-            acc[dt][1] *= alpha[0];
-            acc[dt][2] *= alpha[1];
-            acc[dt][3] *= alpha[1];
-          }
-        }
-        // O += P · V.
-#if DRDIFF_WGMMA
-        {  // P from registers (the A fragment layout), V from shared memory (rows of keys: transposed B)
-          unsigned pa[BN / 16][4];
-#pragma unroll
-          for (int kk = 0; kk < BN / 16; ++kk) {
-            pa[kk][0] = ops::pack(s[2 * kk][0], s[2 * kk][1]);
-            pa[kk][1] = ops::pack(s[2 * kk][2], s[2 * kk][3]);
-            pa[kk][2] = ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[kk][3] = ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-          }
-          wgmma_fence();
-          std::uint64_t const dv0 = wgmma_desc_sw128(cv);
-#pragma unroll
-          for (int kk = 0; kk < BN / 16; ++kk) {
-            wgmma64<T>::template mma<1, 0>(acc, pa[kk], wgmma_desc_advance<T>(dv0, kk * 16 * 64), 1);
-            if constexpr (D == 128)
-              wgmma64<T>::template mma<1, D / 8 - 8>(acc, pa[kk], wgmma_desc_advance<T>(dv0, BN * 64 + kk * 16 * 64), 1);
-          }
-          wgmma_commit();
-          wgmma_wait<0>();
-#pragma unroll
-          for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) wgmma_keep(pa[kk][e]);
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) wgmma_keep(acc[dt][e]);
-        }
-#else
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          unsigned const pa[4] = {ops::pack(s[2 * kk][0], s[2 * kk][1]), ops::pack(s[2 * kk][2], s[2 * kk][3]),
-                                  ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-          for (int dp = 0; dp < D / 16; ++dp) {
-            unsigned bf[4];
-            ldmatrix_x4_trans(bf, cv + swz(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
-            ops::mma(acc[2 * dp], pa, bf[0], bf[1]);
-            ops::mma(acc[2 * dp + 1], pa, bf[2], bf[3]);
-          }
-        }
-#endif
+        };
+        cuda_attention_chunk<T, D, BM, BN>(sq, ck, cv, qf, exact, p.scale_log2, mask, m, l, acc);
       }
       cp_async_wait<0>();
       __syncthreads();
@@ -651,31 +709,137 @@ __global__ void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
     for (int x = 0; x < 2; ++x) {
       if (lr[x] >= cnt) continue;
       int const row = rows[lr[x]];
-      if (wb.last && wb.split_keys == 0) {
-        float const inv = l[x] > 0.f ? 1.f / l[x] : 0.f;
-        T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt)
-          ops::store2(o + dt * 8 + tig * 2, acc[dt][2 * x] * inv, acc[dt][2 * x + 1] * inv);
-        if (p.lse && tig == 0)
-          p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] =
-              l[x] > 0.f ? (m[x] + log2f(l[x])) * 0.69314718055994531f : -INFINITY;
-      } else {
-        std::int64_t const sr = cuda_state_row(p, wb, b, h, row, t * BM + r0 + lr[x]);
-        float* const pm = wb.split_keys > 0 ? p.part_m : p.st_m;
-        float* const pl = wb.split_keys > 0 ? p.part_l : p.st_l;
-        float* const pa = wb.split_keys > 0 ? p.part_acc : p.st_acc;
-        if (tig == 0) {
-          pm[sr] = m[x];
-          pl[sr] = l[x];
-        }
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt)
-          *reinterpret_cast<float2*>(pa + sr * D + dt * 8 + tig * 2) = make_float2(acc[dt][2 * x], acc[dt][2 * x + 1]);
-      }
+      bool const out = wb.last && wb.split_keys == 0;
+      std::int64_t const sr = out ? 0 : cuda_state_row(p, wb, b, h, row, t * BM + r0 + lr[x]);
+      cuda_write_row<D>(p, b, h, row, out, wb.split_keys > 0, sr, m[x], l[x], acc, x);
     }
     __syncthreads();
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Band kernel: the window pass of a pattern (pass_kind::window_band) when it is the first pass of its
+// rows and carries no global-key tail. A tile of 64 consecutive rows [r0, r0 + cnt) sees the
+// consecutive keys [r0 − w, r0 + cnt − 1 + w] ∩ [0, L), so its chunks are found, copied and masked by
+// arithmetic: no segment table, no key indices in shared memory, and the mask only where the band's
+// edges or the keys' end cut through a chunk. The per-chunk work is the tensor-core kernel's.
+
+template <class T, int D, int S>
+__global__ void __launch_bounds__(128, cuda_attention_min_blocks(D, 4))
+    attention_band_kernel(__grid_constant__ const cuda_attention_params<T, attn::pattern> p) {
+  static_assert(S == 2 || S == 3, "attention: 2 or 3 K/V stages");
+  constexpr int BM = 64, BN = cuda_attention_bn, CH = D / 8, NT = 128;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const sq = cuda_tile_base<T>(smem_raw);
+  T* const sk = sq + BM * D;
+  T* const sv = sk + S * BN * D;
+
+  int b, h;
+  cuda_bh(p, b, h);
+  attn::pattern const& pt = p.table[p.table_size == 1 ? 0 : h - p.head0];
+  int const t = int(blockIdx.x);
+  if (t >= pt.num_q_tiles(p.pass)) return;
+  attn::index_range const rows = pt.q_tile(p.pass, t);  // consecutive rows, at most 64 (the tile)
+  int const cnt = rows.count, r0 = rows.start;
+  if (cnt <= 0) return;
+  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  int const w = min(pt.window, L);  // (a wider window reaches no further; no overflow below)
+  int const k_lo = max(0, r0 - w), k_hi = min(L, r0 + cnt + w);  // the tile's keys [k_lo, k_hi)
+  int const total = k_hi > k_lo ? (k_hi - k_lo + BN - 1) / BN : 0;
+  int const tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  int const lr[2] = {warp * 16 + g, warp * 16 + g + 8};
+  int row_id[2];
+  bool row_live[2];  // a row of the tile that this pass owns keys for (not a global row)
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    row_id[x] = r0 + lr[x];
+    row_live[x] = lr[x] < cnt && !pt.is_global(row_id[x]);
+  }
+  // A chunk is exact when every row of the tile is live and the band covers it for every row.
+  bool const all_live = __syncthreads_and((lr[0] >= cnt || row_live[0]) && (lr[1] >= cnt || row_live[1])) != 0;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[dt][e] = 0.f;
+
+  T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
+  T const* const kb = p.k + b * p.ks.batch + h * p.ks.head;
+  T const* const vb = p.v + b * p.vs.batch + h * p.vs.head;
+  static_assert(BM * CH % NT == 0 && BN * CH % NT == 0, "attention: every thread copies the same number of pieces");
+#pragma unroll
+  for (int i = 0; i < BM * CH / NT; ++i) {  // rows past the tile read its first row and copy zeros
+    int const idx = tid + i * NT, r = idx / CH, c = idx % CH;
+    std::int64_t const row = r0 + (r < cnt ? r : 0);
+    cp_async_16(sq + cuda_swz<BM>(r, c), qb + row * p.qs.seq + c * 8, r < cnt ? 16 : 0);
+  }
+  cp_async_commit();
+  cuda_q_frags<D> qf;
+#if !DRDIFF_WGMMA
+  bool q_ready = false;
+#endif
+  auto load_chunk = [&](int stage, int c) {  // keys k_lo + c·BN + r; past k_hi: zeros
+    T* const dk = sk + stage * BN * D;
+    T* const dv = sv + stage * BN * D;
+#pragma unroll
+    for (int i = 0; i < BN * CH / NT; ++i) {
+      int const idx = tid + i * NT, r = idx / CH, ch = idx % CH, j = k_lo + c * BN + r;
+      std::int64_t const row = j < k_hi ? j : k_lo;
+      int const bytes = j < k_hi ? 16 : 0;
+      cp_async_16(dk + cuda_swz<BN>(r, ch), kb + row * p.ks.seq + ch * 8, bytes);
+      cp_async_16(dv + cuda_swz<BN>(r, ch), vb + row * p.vs.seq + ch * 8, bytes);
+    }
+  };
+#pragma unroll
+  for (int c = 0; c + 1 < S; ++c) {
+    if (c < total) load_chunk(c, c);
+    cp_async_commit();
+  }
+  for (int c = 0, stage = 0; c < total; ++c, stage = stage == S - 1 ? 0 : stage + 1) {
+    cp_async_wait<S - 2>();
+    fence_proxy_async();
+    __syncthreads();  // chunk c has landed everywhere; every warp is past chunk c − 1
+    if (c + S - 1 < total) load_chunk(stage == 0 ? S - 1 : stage - 1, c + S - 1);
+    cp_async_commit();
+#if !DRDIFF_WGMMA
+    if (!q_ready) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldmatrix_x4(qf.f[kk], sq + cuda_swz<BM>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+      q_ready = true;
+    }
+#endif
+    int const j0 = k_lo + c * BN;
+    bool const exact = all_live && j0 + BN <= k_hi && j0 >= r0 + cnt - 1 - w && j0 + BN - 1 <= r0 + w;
+    auto mask = [&](float (&s)[BN / 8][4], float (&mx)[2]) {
+      float const sc = p.scale_log2;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          int const x = e / 2, j = j0 + nt * 8 + tig * 2 + (e & 1);
+          bool const ok = row_live[x] && j < k_hi && abs(row_id[x] - j) <= w;
+          s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
+          mx[x] = fmaxf(mx[x], s[nt][e]);
+        }
+    };
+    cuda_attention_chunk<T, D, BM, BN>(sq, sk + stage * BN * D, sv + stage * BN * D, qf, exact, p.scale_log2, mask, m,
+                                       l, acc);
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+    l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+  }
+#pragma unroll
+  for (int x = 0; x < 2; ++x)
+    if (lr[x] < cnt) {
+      bool const out = p.last != 0;
+      std::int64_t const sr = out ? 0 : cuda_state_row(p, cuda_cta_role{}, b, h, row_id[x], 0);
+      cuda_write_row<D>(p, b, h, row_id[x], out, false, sr, m[x], l[x], acc, x);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
