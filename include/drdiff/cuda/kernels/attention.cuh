@@ -778,17 +778,24 @@ __global__ void __launch_bounds__(128, cuda_attention_min_blocks(D, 4))
 #if !DRDIFF_WGMMA
   bool q_ready = false;
 #endif
-  auto load_chunk = [&](int stage, int c) {  // keys k_lo + c·BN + r; past k_hi: zeros
+  // This thread's pieces: rows tid / CH + i·(NT / CH) of a chunk, 16-byte column tid % CH. The source
+  // rows advance by BN keys per chunk (chunks load in order), so the copy adds a stride.
+  T const* kp = kb + std::int64_t(k_lo + tid / CH) * p.ks.seq + (tid % CH) * 8;
+  T const* vp = vb + std::int64_t(k_lo + tid / CH) * p.vs.seq + (tid % CH) * 8;
+  std::int64_t const kstep = std::int64_t(NT / CH) * p.ks.seq, vstep = std::int64_t(NT / CH) * p.vs.seq;
+  auto load_chunk = [&](int stage, int c) {  // keys k_lo + c·BN + r; past k_hi: zeros (from row k_lo)
     T* const dk = sk + stage * BN * D;
     T* const dv = sv + stage * BN * D;
+    bool const full = k_lo + (c + 1) * BN <= k_hi;
 #pragma unroll
     for (int i = 0; i < BN * CH / NT; ++i) {
-      int const idx = tid + i * NT, r = idx / CH, ch = idx % CH, j = k_lo + c * BN + r;
-      std::int64_t const row = j < k_hi ? j : k_lo;
-      int const bytes = j < k_hi ? 16 : 0;
-      cp_async_16(dk + cuda_swz<BN>(r, ch), kb + row * p.ks.seq + ch * 8, bytes);
-      cp_async_16(dv + cuda_swz<BN>(r, ch), vb + row * p.vs.seq + ch * 8, bytes);
+      int const idx = tid + i * NT, r = idx / CH, ch = idx % CH;
+      bool const in = full || k_lo + c * BN + r < k_hi;
+      cp_async_16(dk + cuda_swz<BN>(r, ch), in ? kp + i * kstep : kb + ch * 8 + std::int64_t(k_lo) * p.ks.seq, in ? 16 : 0);
+      cp_async_16(dv + cuda_swz<BN>(r, ch), in ? vp + i * vstep : vb + ch * 8 + std::int64_t(k_lo) * p.vs.seq, in ? 16 : 0);
     }
+    kp += BN / (NT / CH) * kstep;
+    vp += BN / (NT / CH) * vstep;
   };
 #pragma unroll
   for (int c = 0; c + 1 < S; ++c) {
@@ -812,13 +819,23 @@ __global__ void __launch_bounds__(128, cuda_attention_min_blocks(D, 4))
     int const j0 = k_lo + c * BN;
     bool const exact = all_live && j0 + BN <= k_hi && j0 >= r0 + cnt - 1 - w && j0 + BN - 1 <= r0 + w;
     auto mask = [&](float (&s)[BN / 8][4], float (&mx)[2]) {
+      // Row x owns the chunk's columns lo .. hi (keys i − w .. min(i + w, k_hi − 1)); column
+      // nt·8 + tig·2 + e % 2 is in when nt·8 + e % 2 − (lo − tig·2) ≤ hi − lo, unsigned.
+      int base[2], len[2];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        int const lo = row_id[x] - w - j0, hi = min(row_id[x] + w, k_hi - 1) - j0;
+        bool const any = row_live[x] && hi >= lo;
+        base[x] = any ? lo - tig * 2 : 1 << 20;  // (none: every column is far below)
+        len[x] = any ? hi - lo : 0;
+      }
       float const sc = p.scale_log2;
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          int const x = e / 2, j = j0 + nt * 8 + tig * 2 + (e & 1);
-          bool const ok = row_live[x] && j < k_hi && abs(row_id[x] - j) <= w;
+          int const x = e / 2;
+          bool const ok = unsigned(nt * 8 + (e & 1) - base[x]) <= unsigned(len[x]);
           s[nt][e] = ok ? s[nt][e] * sc : -INFINITY;
           mx[x] = fmaxf(mx[x], s[nt][e]);
         }
