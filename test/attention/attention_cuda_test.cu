@@ -46,7 +46,7 @@ constexpr double tolerance() { return std::is_same_v<T, float> ? 1e-5 : 1e-2; }
 /// (batch, head). `list` (host) is copied to the device when the policy uses an explicit global list.
 template <class T, class Policy, class RefPolicy>
 void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, int n, int heads, int dim,
-                  bool padded, int r0, int r1, double scale = 0.0) {
+                  bool padded, int r0, int r1, double scale = 0.0, int short_len = 0) {
   static std::random_device rd;
   unsigned const seed = rd();
   INFO("seed " << seed << " batch " << batch << " N " << n << " heads " << heads << " D " << dim << " padded "
@@ -63,7 +63,8 @@ void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, 
   }
   std::vector<int> lens;
   if (padded) {
-    for (int b = 0; b < batch; ++b) lens.push_back(std::uniform_int_distribution<int>(1, n)(rng));
+    for (int b = 0; b < batch; ++b)
+      lens.push_back(short_len > 0 ? short_len : std::uniform_int_distribution<int>(1, n)(rng));
     lens[0] = n;
   }
   dbuf<T> dq(elems), dk(elems), dv(elems), dout(elems);
@@ -128,6 +129,15 @@ void compare(Policy const& policy, int batch, int n, int heads, int dim, bool pa
 
 
 }  // namespace
+
+// Keys stop at kv_len = 40 while the rows run to 600: a row beyond kv_len + w sees no key, a row up
+// to it sees the keys within w, however far past kv_len it is (the window's reach is not kv_len).
+TEMPLATE_TEST_CASE("CUDA attention with kv_lens far below the window", "[attention][cuda]", __nv_bfloat16, float) {
+  attn::local_window const local{256};
+  auto const hsa_mask = attn::local_window{256} | attn::dilated{4, 1024} | attn::global_tokens::first(8);
+  compare_with<TestType>(local, local, 2, 600, 2, 64, true, 0, -1, 0.0, 40);
+  compare_with<TestType>(hsa_mask, hsa_mask, 2, 600, 2, 64, true, 0, -1, 0.0, 40);
+}
 
 TEMPLATE_TEST_CASE("CUDA attention matches the reference for every pattern", "[attention][cuda]", __nv_bfloat16,
                    __half, float) {

@@ -358,11 +358,19 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         std::int64_t next = 0;  // first table entry of the next pass
         cuda_segment_passes ps;
         int most = 0;
-        auto flush = [&] {
+        auto flush = [&](bool last) {
           if (ps.n == 0) return;
-          attention_segments_kernel<T, Seg><<<dim3(unsigned((most + 127) / 128), unsigned(prm.table_size),
-                                                   unsigned(ps.n)), 128, 0, stream>>>(prm, ps, seg_table, seg_count);
-          DRDIFF_CUDA_CHECK(cudaGetLastError());
+          if (last && pl.band_first && tiles(pl.plain.front()) > 0) {  // the band launch runs it, first
+            prm.pre = ps;
+            prm.pre_table = seg_table;
+            prm.pre_count = seg_count;
+            prm.pre_blocks = (most + 127) / 128;
+            prm.pre_ctas = prm.pre_blocks * ps.n;
+          } else {
+            attention_segments_kernel<T, Seg><<<dim3(unsigned((most + 127) / 128), unsigned(prm.table_size),
+                                                     unsigned(ps.n)), 128, 0, stream>>>(prm, ps, seg_table, seg_count);
+            DRDIFF_CUDA_CHECK(cudaGetLastError());
+          }
           ps = cuda_segment_passes{};
           most = 0;
         };
@@ -376,9 +384,9 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
           ps.n++;
           next += std::int64_t(nt) * prm.table_size;
           most = std::max(most, nt);
-          if (ps.n == cuda_segment_passes::max) flush();
+          if (ps.n == cuda_segment_passes::max) flush(false);
         }
-        flush();
+        flush(true);
       }
       // The key splits of the global-row pass run in the launch of the first ordinary pass (its
       // CTAs first), when there is one; the merge follows the last ordinary pass either way.
@@ -407,8 +415,10 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
           prm.co_ctas = prm.co_tiles * pl.splits;
           co_done = true;
         }
-        launch_dim(prm, pl.warps, dim3(unsigned(prm.co_ctas + nt), unsigned(a.batch * hn), 1), stream, shape, band);
+        launch_dim(prm, pl.warps, dim3(unsigned(prm.co_ctas + prm.pre_ctas + nt), unsigned(a.batch * hn), 1), stream,
+                   shape, band);
         prm.co_ctas = 0;
+        prm.pre_ctas = 0;
         prm.seg_table = nullptr;
         prm.seg_count = nullptr;
       }

@@ -70,6 +70,14 @@ struct cuda_segment {
   int tail;
 };
 
+/// The ordinary passes whose segment tables one attention_segments_kernel launch resolves.
+struct cuda_segment_passes {
+  static constexpr int max = 8;  // window + 4 dilations + global keys, with room
+  int n = 0;
+  int pass[max] = {}, tail[max] = {}, tiles[max] = {};
+  std::int64_t offset[max] = {};  ///< the pass's first table entry (entry e, tile t: offset + e·tiles + t)
+};
+
 template <class T, class Seg>
 struct cuda_attention_params {
   using lse_t = typename attention_args<T>::lse_type;
@@ -111,6 +119,13 @@ struct cuda_attention_params {
   /// co_split_keys each, into the split partials); the others run tile blockIdx.x − co_ctas of `pass`.
   /// The long split CTAs start first and the pass's short tiles fill in around them.
   int co_ctas = 0, co_tiles = 1, co_pass = 0, co_split_keys = 0;
+  /// The segment pre-pass run by the first pre_ctas CTAs of a band-kernel launch (of 128 threads, the
+  /// pre-pass's block; blockIdx.x = pass · pre_blocks + block, blockIdx.y = table entry), which fills
+  /// the tables of the passes that follow while the band kernel's own tiles run.
+  cuda_segment_passes pre{};
+  cuda_segment* pre_table = nullptr;
+  int* pre_count = nullptr;
+  int pre_ctas = 0, pre_blocks = 1;
 };
 
 /// What one CTA runs: a tile of the launch's pass, or a key split of the co-launched global-row pass.
@@ -217,22 +232,13 @@ __device__ __noinline__ void cuda_collect_segments(Seg const& seg, int pass, int
   cuda_layout_segments(segs, *n_segs, chunk, seg_start, tail_chunk);
 }
 
-/// The ordinary passes whose segment tables one attention_segments_kernel launch resolves.
-struct cuda_segment_passes {
-  static constexpr int max = 8;  // window + 4 dilations + global keys, with room
-  int n = 0;
-  int pass[max] = {}, tail[max] = {}, tiles[max] = {};
-  std::int64_t offset[max] = {};  ///< the pass's first table entry (entry e, tile t: offset + e·tiles + t)
-};
-
 /// Resolves the key segments of every query tile of the listed passes (one thread per pass, tile and
 /// table entry; blockIdx.z is the pass) into the tables the attention kernel reads: the single-thread
 /// visitor then runs once per tile for all batches and heads, in parallel, in one launch for the
 /// whole call, instead of inside every CTA while its other threads wait.
 template <class T, class Seg>
-__global__ void attention_segments_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p,
-                                          const cuda_segment_passes ps, cuda_segment* table, int* count) {
-  int const i = int(blockIdx.z), t = int(blockIdx.x * blockDim.x + threadIdx.x), e = int(blockIdx.y);
+__device__ inline void cuda_resolve_segments(cuda_attention_params<T, Seg> const& p, cuda_segment_passes const& ps,
+                                             cuda_segment* table, int* count, int i, int t, int e) {
   if (t >= ps.tiles[i]) return;
   std::int64_t const at = ps.offset[i] + std::int64_t(e) * ps.tiles[i] + t;
   if (t >= p.table[e].num_q_tiles(ps.pass[i])) {  // past this head's tiles (another head has more)
@@ -243,6 +249,12 @@ __global__ void attention_segments_kernel(__grid_constant__ const cuda_attention
   cuda_visit_segments(p.table[e], ps.pass[i], t, ps.tail[i] != 0,
                       cuda_segment_collector{table + at * cuda_segment_batch, &n, &seen, 0, 0, p.seq});
   count[at] = seen > cuda_segment_batch ? -1 : n;
+}
+template <class T, class Seg>
+__global__ void attention_segments_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p,
+                                          const cuda_segment_passes ps, cuda_segment* table, int* count) {
+  cuda_resolve_segments(p, ps, table, count, int(blockIdx.z), int(blockIdx.x * blockDim.x + threadIdx.x),
+                        int(blockIdx.y));
 }
 
 template <class P>
@@ -736,14 +748,22 @@ __global__ void __launch_bounds__(128, cuda_attention_min_blocks(D, 4))
 
   int b, h;
   cuda_bh(p, b, h);
+  if (int(blockIdx.x) < p.pre_ctas) {  // a block of the segment pre-pass for the later passes
+    if (int(blockIdx.y) < p.table_size)
+      cuda_resolve_segments(p, p.pre, p.pre_table, p.pre_count, int(blockIdx.x) / p.pre_blocks,
+                            int(blockIdx.x) % p.pre_blocks * NT + int(threadIdx.x), int(blockIdx.y));
+    return;
+  }
   attn::pattern const& pt = p.table[p.table_size == 1 ? 0 : h - p.head0];
-  int const t = int(blockIdx.x);
+  int const t = int(blockIdx.x) - p.pre_ctas;
   if (t >= pt.num_q_tiles(p.pass)) return;
   attn::index_range const rows = pt.q_tile(p.pass, t);  // consecutive rows, at most 64 (the tile)
   int const cnt = rows.count, r0 = rows.start;
   if (cnt <= 0) return;
   int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
-  int const w = min(pt.window, L);  // (a wider window reaches no further; no overflow below)
+  // Rows run to seq even when keys stop at L, so only seq bounds the reach (and keeps the sums below
+  // from overflowing).
+  int const w = min(pt.window, p.seq);
   int const k_lo = max(0, r0 - w), k_hi = min(L, r0 + cnt + w);  // the tile's keys [k_lo, k_hi)
   int const total = k_hi > k_lo ? (k_hi - k_lo + BN - 1) / BN : 0;
   int const tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
