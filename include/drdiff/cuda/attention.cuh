@@ -9,12 +9,14 @@
 /// dilations, global keys; the state lives in the workspace between them, in fp32; the tensor-core
 /// kernel runs the global-key pass as the tail of the last other one, in the same launch), then the
 /// global rows, split across key ranges and merged by log-sum-exp (the tensor-core kernel runs the
-/// splits in the launch of the first ordinary pass, whose short tiles fill in around them; the merge
-/// follows the last pass). A pattern of one pass (dense, a window alone) needs no state at all.
-/// Before the first pass one small launch resolves the key segments of every query tile of every
-/// ordinary pass into tables in the workspace (the policy's visitor, one thread per tile), so the
-/// attention CTAs start on their keys at once; called without a workspace, a one-pass pattern
-/// collects them in each CTA instead. Nothing is allocated: the workspace is the caller's.
+/// splits in the launch of the first ordinary pass on the general kernel, whose short tiles fill in
+/// around them; the merge follows the last pass). A pattern of one pass (dense, a window alone) needs
+/// no state at all. A window pass that starts its rows and has no global-key tail runs on the band
+/// kernel, which finds its keys by arithmetic. The other ordinary passes read the key segments of
+/// their query tiles from tables in the workspace, resolved before they run (the policy's visitor,
+/// one thread per tile) by one small launch, or by the first CTAs of the band kernel's launch when it
+/// runs first; called without a workspace, a one-pass pattern collects them in each CTA instead.
+/// Nothing is allocated: the workspace is the caller's.
 
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/attention/block_segments.hpp>
@@ -388,8 +390,9 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         }
         flush(true);
       }
-      // The key splits of the global-row pass run in the launch of the first ordinary pass (its
-      // CTAs first), when there is one; the merge follows the last ordinary pass either way.
+      // The key splits of the global-row pass run in the launch of the first ordinary pass on the
+      // general kernel (its CTAs first), when there is one; the merge follows the last ordinary pass
+      // either way.
       int const co_pass = tensor_cores && !pl.split.empty() ? pl.split.front() : -1;
       bool co_done = false;
       std::int64_t seg_at = 0;  // the pass's first table entry: the pre-pass laid the tables out in this order
