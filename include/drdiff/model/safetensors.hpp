@@ -13,6 +13,7 @@
 /// F32, F16 and BF16 tensors convert to float; other dtypes are recognised but not converted.
 
 #include <drdiff/core/error.hpp>
+#include <drdiff/core/file.hpp>
 #include <drdiff/core/json.hpp>
 
 #include <algorithm>
@@ -326,15 +327,7 @@ class file {
   }
   /// Reads and validates the file at `path`.
   static file open(std::string const& path) {
-    std::ifstream in(path, std::ios::binary);
-    DRDIFF_CHECK(in.good(), "safetensors: cannot open '", path, "'");
-    in.seekg(0, std::ios::end);
-    std::streamoff const size = in.tellg();
-    DRDIFF_CHECK(size >= 0, "safetensors: cannot size '", path, "'");
-    in.seekg(0, std::ios::beg);
-    std::vector<std::uint8_t> b(static_cast<std::size_t>(size));
-    if (size > 0) in.read(reinterpret_cast<char*>(b.data()), size);
-    DRDIFF_CHECK(in.good() || size == 0, "safetensors: cannot read '", path, "'");
+    std::vector<std::uint8_t> b = ::drdiff::detail::read_regular_file(path, "safetensors");
     try {
       return parse(std::move(b));
     } catch (error const& e) {

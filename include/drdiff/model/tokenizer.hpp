@@ -4,6 +4,7 @@
 /// no vocabulary file) and vocab_tokenizer (a JSON array of token strings; greedy longest match).
 
 #include <drdiff/core/error.hpp>
+#include <drdiff/core/file.hpp>
 #include <drdiff/core/json.hpp>
 
 #include <algorithm>
@@ -68,11 +69,8 @@ class vocab_tokenizer {
     return t;
   }
   static vocab_tokenizer from_file(std::string const& path) {
-    std::ifstream in(path, std::ios::binary);
-    DRDIFF_CHECK(in.good(), "vocab_tokenizer: cannot open '", path, "'");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return from_json(ss.str());
+    auto const b = detail::read_regular_file(path, "vocab_tokenizer", std::uint64_t(1) << 30);
+    return from_json(std::string(b.begin(), b.end()));
   }
 
   int vocab() const noexcept { return int(tokens_.size()); }
