@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -48,6 +49,36 @@ inline void layer_norm_rows(context<cpu> const& ctx, float const* x, std::int64_
       float const inv = float(1.0 / std::sqrt(var + eps));
       for (int k = 0; k < d; ++k) y[r * d + k] = (xr[k] - float(mean)) * inv * g[k] + b[k];
     }
+  });
+}
+
+/// x̂0 = softmax(z·Eᵀ)·E per row, in place on z [rows × d] (E: [vocab × d], row-major): the
+/// categorical data prediction. A NaN in a row's logits makes that row NaN (never a plausible row).
+inline void categorical_rows(context<cpu> const& ctx, float* z, std::int64_t rows, int d, float const* E,
+                             int vocab) {
+  using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  std::int64_t const chunk = 64;
+  int const workers = resolve_threads(ctx.num_threads);
+  std::vector<float> buf(std::size_t(workers) * chunk * vocab);
+  Eigen::Map<matrix const> W(E, vocab, d);
+  parallel_for(workers, (rows + chunk - 1) / chunk, [&](std::int64_t c, int w) {
+    std::int64_t const r0 = c * chunk, n = std::min(chunk, rows - r0);
+    Eigen::Map<matrix> Z(z + r0 * d, n, d);
+    Eigen::Map<matrix> L(buf.data() + std::size_t(w) * chunk * vocab, n, vocab);
+    L.noalias() = Z * W.transpose();
+    for (std::int64_t r = 0; r < n; ++r) {
+      float mx = L(r, 0);
+      bool nan = false;
+      for (int v = 0; v < vocab; ++v) {
+        nan |= std::isnan(L(r, v));
+        mx = std::max(mx, L(r, v));
+      }
+      double sum = 0;
+      for (int v = 0; v < vocab; ++v) sum += (L(r, v) = std::exp(L(r, v) - mx));
+      float const inv = nan ? std::numeric_limits<float>::quiet_NaN() : float(1.0 / sum);
+      L.row(r) *= inv;
+    }
+    Z.noalias() = L * W;
   });
 }
 
@@ -130,6 +161,8 @@ class model<cpu, Config> {
     t0 = clock();
     detail::layer_norm_rows(ctx, h_.data(), T, dm, p("norm.weight"), p("norm.bias"), cfg_.norm_eps, ln_.data());
     detail::linear_rows(ctx, ln_.data(), T, dm, p("down.weight"), de, p("down.bias"), x0, false);
+    if (cfg_.output == prediction::categorical)
+      detail::categorical_rows(ctx, x0, T, de, p("embed.weight"), s.vocab);
     if (timing) timing->dense += since(t0);
   }
 

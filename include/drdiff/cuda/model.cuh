@@ -19,6 +19,7 @@
 #include <drdiff/model/weights.hpp>
 #include <drdiff/solver/grid.hpp>
 
+#include <cub/block/block_reduce.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -189,6 +190,59 @@ __global__ void model_initial_state(float* __restrict__ x, float const* __restri
 
 #undef DRDIFF_GRID_STRIDE
 
+struct model_max_op {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+/// In place on each row of L [rows × vocab] (fp32): softmax. A NaN in a row makes the whole row
+/// NaN, so the categorical x̂0 of that token is NaN and the solver reports it (never a plausible row).
+template <int Threads>
+__global__ void __launch_bounds__(Threads) model_softmax_rows(float* __restrict__ L, int vocab) {
+  using reduce = cub::BlockReduce<float, Threads>;
+  __shared__ typename reduce::TempStorage tmp;
+  __shared__ float bcast;
+  float* row = L + std::size_t(blockIdx.x) * vocab;
+  float mx = -INFINITY, nan = 0.f;
+  for (int v = threadIdx.x; v < vocab; v += Threads) {
+    float const x = row[v];
+    nan += isnan(x) ? 1.f : 0.f;
+    mx = fmaxf(mx, x);
+  }
+  float const bmx = reduce(tmp).Reduce(mx, model_max_op{});
+  if (threadIdx.x == 0) bcast = bmx;
+  __syncthreads();
+  float const m = bcast;
+  __syncthreads();
+  float const bnan = reduce(tmp).Sum(nan);
+  __syncthreads();
+  float sum = 0.f;
+  for (int v = threadIdx.x; v < vocab; v += Threads) sum += (row[v] = __expf(row[v] - m));
+  float const bsum = reduce(tmp).Sum(sum);
+  if (threadIdx.x == 0) bcast = bnan > 0.f ? NAN : 1.f / bsum;
+  __syncthreads();
+  float const inv = bcast;
+  for (int v = threadIdx.x; v < vocab; v += Threads) row[v] *= inv;
+}
+
+/// x̂0 ← softmax(x̂0·Eᵀ)·E for `rows` tokens (fp32; E [vocab × d] fp32 on the device), in chunks
+/// of `chunk` rows through the scratch L [chunk × vocab].
+inline void model_categorical(cublasHandle_t h, float* x0, std::int64_t rows, int d, float const* E, int vocab,
+                              float* L, std::int64_t chunk, cudaStream_t st) {
+  float const one = 1.f, zero = 0.f;
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    int const n = int(std::min(chunk, rows - r0));
+    float* x = x0 + r0 * d;
+    // Row-major L[n × V] = X[n × d]·Eᵀ: column-major Lᵀ = E·Xᵀ.
+    cublas_check(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, vocab, n, d, &one, E, d, x, d, &zero, L, vocab),
+                 "cublasSgemm (logits)");
+    model_softmax_rows<256><<<unsigned(n), 256, 0, st>>>(L, vocab);
+    DRDIFF_CUDA_CHECK(cudaGetLastError());
+    // Row-major X[n × d] = P[n × V]·E[V × d]: column-major Xᵀ = Eᵀ·Pᵀ.
+    cublas_check(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, d, n, vocab, &one, E, d, L, vocab, &zero, x, d),
+                 "cublasSgemm (expectation)");
+  }
+}
+
 /// C (M×N, fp32 or bf16) = A (M×K, bf16) · B (N×K, bf16)ᵀ, plus beta·C (beta 0 or 1).
 template <class TC>
 void gemm_bf16(cublasHandle_t h, int m, int n, int k, bf16 const* a, bf16 const* b, TC* c, float beta) {
@@ -291,6 +345,11 @@ class model<cuda, Config> {
     detail::model_add_rows<<<detail::model_grid(std::size_t(T) * de), 256, 0, st>>>(x0, v("down.bias"), nullptr,
                                                                                    std::size_t(T) * de, de);
     DRDIFF_CUDA_CHECK(cudaGetLastError());
+    if (cfg_.output == prediction::categorical) {
+      std::int64_t const chunk = std::min<std::int64_t>(T, 4096);
+      auto* L = static_cast<float*>(scratch("categorical", std::size_t(chunk) * s.vocab * sizeof(float)));
+      detail::model_categorical(blas_, x0, T, de, v("embed.weight"), s.vocab, L, chunk, st);
+    }
     ev.end(&model_timing::dense);
     ev.finish();
   }

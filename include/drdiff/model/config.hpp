@@ -8,7 +8,8 @@
 /// up-projection to d_model → + time embedding (sinusoidal(1000·t) → Linear → SiLU → Linear) →
 /// L × [LayerNorm → multi-head attention with the policy (RoPE on q and k: no maximum length) →
 /// residual → LayerNorm → routed MoE FFN (+ optional shared experts) → residual] → LayerNorm →
-/// down-projection to d_e = the data prediction x̂0; rounding against the (tied) embedding table.
+/// down-projection to d_e = the data prediction x̂0 (or, with prediction::categorical, the logits
+/// z·Eᵀ over the tied table and x̂0 = softmax(z·Eᵀ)·E); rounding against the (tied) embedding table.
 
 #include <drdiff/anchor/guidance.hpp>
 #include <drdiff/anchor/projectors.hpp>
@@ -24,6 +25,12 @@
 DRDIFF_NAMESPACE_BEGIN
 
 enum class ffn_activation { gelu, swiglu };
+
+/// What the network's last layer gives the solver as x̂0:
+/// - `embedding`: z = down(LN(h)) itself (DiffuSeq's regression target);
+/// - `categorical`: softmax(z·Eᵀ)·E, the expectation of the tied table E under the logits z·Eᵀ
+///   (CDCD's score interpolation; trained with cross-entropy on the logits).
+enum class prediction { embedding, categorical };
 
 struct model_sizes {
   int vocab = 256;       ///< V (256: the byte-level tokenizer)
@@ -74,6 +81,7 @@ struct model_config {
   ffn_activation activation = ffn_activation::gelu;
   double rope_base = 10000.0;
   float norm_eps = 1e-5f;
+  prediction output = prediction::embedding;
 
   // Sampling: DiffuSeq's sqrt schedule, a uniform-t grid from t_start to t_end.
   solver::vp_sqrt schedule{};
