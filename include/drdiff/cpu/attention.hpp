@@ -151,9 +151,11 @@ struct attention_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float> || std::
       T const* l = l_all + item * N;
       for (int i = 0; i < N; ++i) {
         T* o = a.o + b * a.o_strides.batch + i * a.o_strides.seq + h * a.o_strides.head;
-        T const inv = l[i] > T(0) ? T(1) / l[i] : T(0);
+        // ℓ = 0: no allowed key (output 0, lse −∞); ℓ NaN: a NaN reached the row, and stays.
+        bool const nan = std::isnan(l[i]) || std::isnan(m[i]);
+        T const inv = nan ? l[i] + m[i] : l[i] > T(0) ? T(1) / l[i] : T(0);
         for (int d = 0; d < D; ++d) o[d] *= inv;
-        if (a.maybe_lse) a.maybe_lse[item * N + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : neg_inf;
+        if (a.maybe_lse) a.maybe_lse[item * N + i] = nan ? inv : l[i] > T(0) ? m[i] + std::log(l[i]) : neg_inf;
       }
     });
   }
@@ -240,8 +242,10 @@ struct attention_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float> || std::
         }
         for (int r = 0; r < cnt; ++r) {
           auto srow = s.row(r).array();
-          T const mx = srow.maxCoeff();
-          T const m_new = std::max(m[r], mx);
+          // A NaN score (a NaN in q or in an attended key) makes the row's max NaN, and with it the
+          // row's output and lse: it must not pass for a row with no allowed key (m = −∞).
+          T const mx = srow.template maxCoeff<Eigen::PropagateNaN>();
+          T const m_new = std::isnan(mx) || std::isnan(m[r]) ? std::numeric_limits<T>::quiet_NaN() : std::max(m[r], mx);
           if (m_new == neg_inf) {
             srow.setZero();
             continue;
