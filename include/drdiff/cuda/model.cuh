@@ -38,11 +38,11 @@ inline unsigned model_grid(std::size_t n) { return unsigned(std::min<std::size_t
 #define DRDIFF_GRID_STRIDE(i, n) \
   for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < (n); i += std::size_t(gridDim.x) * blockDim.x)
 
-__global__ void model_to_bf16(float const* __restrict__ x, bf16* __restrict__ y, std::size_t n) {
+static __global__ void model_to_bf16(float const* __restrict__ x, bf16* __restrict__ y, std::size_t n) {
   DRDIFF_GRID_STRIDE(i, n) y[i] = __float2bfloat16(x[i]);
 }
 /// h[r, k] += a[k] + b[k] (a, b optional), fp32.
-__global__ void model_add_rows(float* __restrict__ h, float const* __restrict__ a, float const* __restrict__ b,
+static __global__ void model_add_rows(float* __restrict__ h, float const* __restrict__ a, float const* __restrict__ b,
                                std::size_t n, int d) {
   DRDIFF_GRID_STRIDE(i, n) {
     int const k = int(i % d);
@@ -59,7 +59,7 @@ __device__ inline float model_block_sum(float v, float* red) {
 }
 
 /// LayerNorm of fp32 rows into bf16, one block of 128 threads per row (statistics in fp32, two passes).
-__global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict__ x, int d, float const* __restrict__ g,
+static __global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict__ x, int d, float const* __restrict__ g,
                                                        float const* __restrict__ b, float eps, bf16* __restrict__ y) {
   __shared__ float red[4];
   float const* xr = x + std::size_t(blockIdx.x) * d;
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict_
 /// The same for d a multiple of 4 and at most 512·K: each thread keeps its K float4 pieces of the row
 /// in registers, so the row is read from memory once (the same two-pass statistics).
 template <int K>
-__global__ void __launch_bounds__(128) model_layer_norm_vec(float const* __restrict__ x, int d,
+static __global__ void __launch_bounds__(128) model_layer_norm_vec(float const* __restrict__ x, int d,
                                                            float const* __restrict__ g, float const* __restrict__ b,
                                                            float eps, bf16* __restrict__ y) {
   __shared__ float red[4];
@@ -129,7 +129,7 @@ inline void model_norm(float const* x, int d, float const* g, float const* b, fl
 
 /// The RoPE table: cos and sin of p·base^(−2i/hd) for every position p < seq and pair i < hd/2, computed
 /// in double as on the CPU (once per sequence length).
-__global__ void model_rope_table(float* __restrict__ cs, float* __restrict__ sn, int seq, int half, double base) {
+static __global__ void model_rope_table(float* __restrict__ cs, float* __restrict__ sn, int seq, int half, double base) {
   std::size_t const n = std::size_t(seq) * half;
   DRDIFF_GRID_STRIDE(i, n) {
     int const pair = int(i % half);
@@ -141,7 +141,7 @@ __global__ void model_rope_table(float* __restrict__ cs, float* __restrict__ sn,
 
 /// RoPE on q and k of a [T, 3·d_model] bf16 buffer from the table: one thread per 16-byte piece (4
 /// pairs) of a token's q or k (head_dim a multiple of 8, so pieces never straddle heads).
-__global__ void model_rope(bf16* __restrict__ qkv, float const* __restrict__ cs, float const* __restrict__ sn,
+static __global__ void model_rope(bf16* __restrict__ qkv, float const* __restrict__ cs, float const* __restrict__ sn,
                            std::int64_t tokens, int seq, int dm, int hd) {
   int const pieces = dm / 8, half = hd / 2;  // pieces per part (q or k) of a token
   std::size_t const n = std::size_t(tokens) * 2 * pieces;
@@ -167,7 +167,7 @@ __global__ void model_rope(bf16* __restrict__ qkv, float const* __restrict__ cs,
 }
 
 /// y[o] = act(Σ_i W[o, i]·x[i] + b[o]): one warp per output (the time MLP).
-__global__ void model_matvec(bf16 const* __restrict__ w, float const* __restrict__ x, float const* __restrict__ b,
+static __global__ void model_matvec(bf16 const* __restrict__ w, float const* __restrict__ x, float const* __restrict__ b,
                              int out, int in, bool silu, float* __restrict__ y) {
   int const o = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   if (o >= out) return;
@@ -182,7 +182,7 @@ __global__ void model_matvec(bf16 const* __restrict__ w, float const* __restrict
 
 /// The initial state: target tokens get N(0, 1) noise (counter-based, as on the CPU) plus m; source
 /// tokens their clean embedding.
-__global__ void model_initial_state(float* __restrict__ x, float const* __restrict__ clean,
+static __global__ void model_initial_state(float* __restrict__ x, float const* __restrict__ clean,
                                     unsigned char const* __restrict__ target, float const* __restrict__ m,
                                     solver::gaussian_noise noise, std::size_t n, int d) {
   DRDIFF_GRID_STRIDE(i, n) x[i] = target[i / d] ? float(noise(0, i)) + m[i % d] : clean[i];
@@ -197,7 +197,7 @@ struct model_max_op {
 /// In place on each row of L [rows × vocab] (fp32): softmax. A NaN in a row makes the whole row
 /// NaN, so the categorical x̂0 of that token is NaN and the solver reports it (never a plausible row).
 template <int Threads>
-__global__ void __launch_bounds__(Threads) model_softmax_rows(float* __restrict__ L, int vocab) {
+static __global__ void __launch_bounds__(Threads) model_softmax_rows(float* __restrict__ L, int vocab) {
   using reduce = cub::BlockReduce<float, Threads>;
   __shared__ typename reduce::TempStorage tmp;
   __shared__ float bcast;

@@ -255,7 +255,7 @@ void moe_activate(T* h, T const* g, std::size_t n, bool swiglu, cudaStream_t str
 // ---- expert choice: each expert's top-c tokens, then the same per-token lists as token choice ----
 
 /// Softmax per token (fp32) in place in `prob` [T × E] and transposed into probT [E × T]; token ids.
-__global__ inline void moe_ec_softmax_kernel(float* prob, float const* bias, int tokens, int experts, float* probT,
+static __global__ void moe_ec_softmax_kernel(float* prob, float const* bias, int tokens, int experts, float* probT,
                                              int* ids, int* bad) {
   int const t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
@@ -271,19 +271,19 @@ __global__ inline void moe_ec_softmax_kernel(float* prob, float const* bias, int
     ids[std::size_t(e) * tokens + t] = t;
   }
 }
-__global__ inline void moe_ec_segments_kernel(int* seg, int experts, int tokens) {
+static __global__ void moe_ec_segments_kernel(int* seg, int experts, int tokens) {
   int const e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e <= experts) seg[e] = e * tokens;
 }
 /// chosen[t·E + e] = 1 for the first c tokens of each expert's descending order.
-__global__ inline void moe_ec_mark_kernel(int const* sorted_ids, int tokens, int experts, int c, unsigned char* chosen) {
+static __global__ void moe_ec_mark_kernel(int const* sorted_ids, int tokens, int experts, int c, unsigned char* chosen) {
   std::size_t const i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x;
   if (i >= std::size_t(experts) * c) return;
   int const e = int(i / c), k = int(i % c);
   chosen[std::size_t(sorted_ids[std::size_t(e) * tokens + k]) * experts + e] = 1;
 }
 /// Each token's experts in increasing index, weighted by their probabilities (the CPU's order).
-__global__ inline void moe_ec_lists_kernel(unsigned char const* chosen, float const* prob, int tokens, int experts,
+static __global__ void moe_ec_lists_kernel(unsigned char const* chosen, float const* prob, int tokens, int experts,
                                            int* count, int* expert, float* weight, unsigned* keys, unsigned* entries) {
   int const t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
@@ -333,7 +333,7 @@ inline moe_ec_layout moe_ec_plan(int tokens, int experts) {
 /// counts[e] = number of selections of expert e (integer atomics: the counts are exact). Each block
 /// counts in shared memory and adds its nonzero bins once (global atomics on E counters from every
 /// thread serialise: 26 µs for 32K keys on the H100, against a few µs this way).
-__global__ inline void moe_histogram_kernel(unsigned const* keys, std::size_t n, int experts, int* counts) {
+static __global__ void moe_histogram_kernel(unsigned const* keys, std::size_t n, int experts, int* counts) {
   __shared__ int bins[max_experts];
   for (int e = threadIdx.x; e < experts; e += blockDim.x) bins[e] = 0;
   __syncthreads();
@@ -347,7 +347,7 @@ __global__ inline void moe_histogram_kernel(unsigned const* keys, std::size_t n,
 /// The row of each selection in the expert GEMMs' layout: sorted position r, or e·pitch + (r − seg[e])
 /// when every expert's rows are padded to `pitch` (pitch 0: not padded); −1 when the capacity limit
 /// drops it (expert e keeps its first kept[e] rows). slot_of is indexed by entry, row_pos by r.
-__global__ inline void moe_invert_kernel(unsigned const* sorted_entries, unsigned const* sorted_keys, int rows,
+static __global__ void moe_invert_kernel(unsigned const* sorted_entries, unsigned const* sorted_keys, int rows,
                                          int const* seg, int const* kept, int pitch, int* slot_of, int* row_pos) {
   int const r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= rows) return;
