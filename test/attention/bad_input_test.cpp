@@ -118,7 +118,14 @@ TEST_CASE("outputs that overlap inputs are rejected", "[attention][errors][cpu]"
   fixture f;
   auto a = f.a;
   a.o = const_cast<float*>(a.q);
-  REQUIRE_THROWS_WITH(attention(f.ctx, f.w, a), Contains("o overlaps q"));
+  REQUIRE_THROWS_WITH(attention(f.ctx, f.w, a), Contains("either o aliases q (in-place attention is not supported)"));
+  // Sizes far beyond the buffers: the message says so (it used to speak only of in-place attention).
+  a = f.a;
+  a.batch = 1 << 20;
+  a.seq = 1 << 20;
+  a.q_strides = a.k_strides = a.v_strides = a.o_strides = packed_strides(a.seq, a.heads, a.head_dim);
+  REQUIRE_THROWS_WITH(attention(f.ctx, f.w, a), Contains("batch = 1048576, seq = 1048576") &&
+                                                    Contains("or the sizes are larger than the buffers"));
   a = f.a;
   a.maybe_lse = const_cast<float*>(a.v) + 5;
   REQUIRE_THROWS_WITH(attention(f.ctx, f.w, a), Contains("maybe_lse overlaps v"));

@@ -142,9 +142,17 @@ void validate(attention_args<T> const& a, bool host_lens = true) {
                       detail::byte_span<T>(a.k, a.k_strides, a.batch, a.seq, a.heads, a.head_dim),
                       detail::byte_span<T>(a.v, a.v_strides, a.batch, a.seq, a.heads, a.head_dim)};
   char const* const in_names[3] = {"q", "k", "v"};
-  for (int x = 0; x < 3; ++x)
-    DRDIFF_CHECK(!detail::overlaps(o, in[x]), "attention: o overlaps ", in_names[x],
-                 " (in-place attention is not supported)");
+  for (int x = 0; x < 3; ++x) {
+    DRDIFF_CHECK(in[x].second >= in[x].first, "attention: ", in_names[x], " spans more bytes than the address space "
+                 "holds for batch = ", a.batch, ", seq = ", a.seq, ", heads = ", a.heads, ", head_dim = ", a.head_dim);
+    // Two separate buffers overlap here only when the sizes reach past their ends (the library cannot
+    // see a buffer's size), or when o aliases the input: the message says both.
+    DRDIFF_CHECK(!detail::overlaps(o, in[x]), "attention: the ", o.second - o.first, " bytes o spans for batch = ",
+                 a.batch, ", seq = ", a.seq, ", heads = ", a.heads, ", head_dim = ", a.head_dim, " overlap the ",
+                 in[x].second - in[x].first, " bytes of ", in_names[x],
+                 ": either o aliases ", in_names[x], " (in-place attention is not supported) or the sizes are "
+                 "larger than the buffers");
+  }
   if (a.maybe_lse) {
     auto const l0 = reinterpret_cast<std::uintptr_t>(a.maybe_lse);
     span const l{l0, l0 + std::uint64_t(a.batch) * a.heads * a.seq * sizeof(*a.maybe_lse)};
