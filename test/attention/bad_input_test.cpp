@@ -2,6 +2,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <thread>
+
 #include "../support/drdiff_test.hpp"
 
 using namespace drdiff;
@@ -173,4 +175,18 @@ TEST_CASE("a NaN in q, k or v reaches the output and the lse, never a plausible 
     CHECK(std::isfinite(o(row, 64)));
     CHECK(std::isfinite(lse(1, row)));
   }
+}
+
+TEST_CASE("a worker count above the hardware's is capped, and 0 means the hardware's", "[attention][threads][cpu]") {
+  int const hw = std::max(1, int(std::thread::hardware_concurrency()));
+  CHECK(detail::resolve_threads(0) == hw);
+  CHECK(detail::resolve_threads(1000) == hw);
+  CHECK(detail::resolve_threads(1) == 1);
+  // The same bytes whatever the count asked for.
+  test::problem<float> p{1, 200, 2, 64, test::fresh_seed()};
+  auto a = p.args();
+  attention(context<cpu>{1}, attn::local_window{16}, a);
+  auto const one = p.o;
+  attention(context<cpu>{1000}, attn::local_window{16}, a);
+  CHECK(p.o == one);
 }

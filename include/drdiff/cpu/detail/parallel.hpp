@@ -16,11 +16,14 @@
 DRDIFF_NAMESPACE_BEGIN
 namespace detail {
 
-/// Worker count for a CPU context value (0 = hardware concurrency).
+/// Worker count for a CPU context value: 0 = the hardware's thread count, and never more than it
+/// (the loops are compute-bound: more workers than hardware threads only add start-up cost and
+/// per-worker scratch; --threads 1000 took 4.5 s for the 0.02 s of one thread). parallel_for further
+/// caps it at the number of items.
 inline int resolve_threads(int requested) {
-  if (requested > 0) return requested;
-  unsigned const hw = std::thread::hardware_concurrency();
-  return hw ? static_cast<int>(hw) : 1;
+  unsigned const hw0 = std::thread::hardware_concurrency();
+  int const hw = hw0 ? static_cast<int>(hw0) : 1;
+  return requested > 0 ? std::min(requested, hw) : hw;
 }
 
 /// Calls f(item, worker) for every item in [0, items) on up to `threads` workers; items are handed
