@@ -5,6 +5,13 @@
 
 #include <catch2/catch.hpp>
 
+#include <dirent.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -191,4 +198,51 @@ TEST_CASE("safetensors: every truncation and random byte damage of a valid file 
     }
   }
   CHECK(parsed > 0);  // damage in the data buffer leaves a valid file
+}
+
+TEST_CASE("safetensors: a save that fails midway leaves the previous file whole and no temporary file",
+          "[safetensors][errors]") {
+  std::string const dir = "atomic_save_dir";
+  ::mkdir(dir.c_str(), 0755);
+  std::string const path = dir + "/w.safetensors";
+  std::vector<float> small(16, 1.5f), big(1 << 18, 2.5f);  // 64 B and 1 MB of F32
+  writer w0;
+  w0.add("x", dtype::f32, {16}, small.data());
+  w0.save(path);
+  auto const before = file::open(path).tensors().size();
+  // In a child process whose file-size limit (RLIMIT_FSIZE, 64 KB) stops the write partway: the save
+  // must throw, and the target must still be the earlier file.
+  pid_t const pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::signal(SIGXFSZ, SIG_IGN);  // a write past the limit then fails with EFBIG instead of killing us
+    struct rlimit lim {65536, 65536};
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+    writer w1;
+    w1.add("y", dtype::f32, {1 << 18}, big.data());
+    try {
+      w1.save(path);
+    } catch (drdiff::error const& e) {
+      ::_exit(std::string(e.what()).find("the file was left as it was") != std::string::npos ? 3 : 4);
+    }
+    ::_exit(5);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 3);  // 5: the save claimed success; 4: another message
+  auto const f = file::open(path);
+  CHECK(f.tensors().size() == before);
+  CHECK(f.find("x") != nullptr);
+  int leftovers = 0;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* e = ::readdir(d)) leftovers += std::string(e->d_name).find(".tmp-") != std::string::npos;
+    ::closedir(d);
+  }
+  CHECK(leftovers == 0);
+  // And a successful save replaces the file whole.
+  writer w2;
+  w2.add("z", dtype::f32, {1 << 18}, big.data());
+  w2.save(path);
+  CHECK(file::open(path).find("z") != nullptr);
 }

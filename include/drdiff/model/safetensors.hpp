@@ -512,12 +512,11 @@ class writer {
     }
     return out;
   }
+  /// Writes the file through a temporary file in the same folder and a rename: an interrupted or
+  /// failed save leaves whatever was at `path` before.
   void save(std::string const& path) const {
     auto const b = bytes();
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    DRDIFF_CHECK(out.good(), "safetensors::writer: cannot create '", path, "'");
-    out.write(reinterpret_cast<char const*>(b.data()), std::streamsize(b.size()));
-    DRDIFF_CHECK(out.good(), "safetensors::writer: cannot write '", path, "'");
+    ::drdiff::detail::write_file_atomically(path, b.data(), b.size(), "safetensors::writer");
   }
 
  private:
