@@ -60,6 +60,11 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   a.shared_experts = shared;
   a.capacity_factor = capacity;
   a.w_shared_up = sup.data(); a.w_shared_gate = sgate.data(); a.w_shared_down = sdown.data();
+  // Per-token scores for router::external_score (other routers ignore them), the same on both sides.
+  std::vector<float> scores(static_cast<std::size_t>(T_));
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
+  for (auto& v : scores) v = ud(rng);
+  a.maybe_token_scores = scores.data();
   moe_stats st;
   moe_forward(context<cpu>{}, r, a, &st);
 
@@ -79,6 +84,10 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   DRDIFF_CUDA_CHECK(cudaMalloc(&dbr, br.size() * sizeof(float)));
   DRDIFF_CUDA_CHECK(cudaMemcpy(dbr, br.data(), br.size() * sizeof(float), cudaMemcpyHostToDevice));
   owned.push_back(dbr);
+  float* dscores = nullptr;
+  DRDIFF_CUDA_CHECK(cudaMalloc(&dscores, scores.size() * sizeof(float)));
+  DRDIFF_CUDA_CHECK(cudaMemcpy(dscores, scores.data(), scores.size() * sizeof(float), cudaMemcpyHostToDevice));
+  owned.push_back(dscores);
   cublasHandle_t handle;
   REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS);
   cuda_moe_args<T> g;
@@ -90,6 +99,7 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   g.shared_experts = shared;
   g.capacity_factor = capacity;
   g.w_shared_up = dsup; g.w_shared_gate = dsgate; g.w_shared_down = dsdown;
+  g.maybe_token_scores = dscores;
   // The residual form: the output is added to an fp32 buffer of random values (out is not written).
   std::vector<float> base(std::size_t(T_) * d);
   bool c_out_untouched = true;
@@ -167,6 +177,7 @@ TEST_CASE("the CUDA MoE equals the CPU MoE", "[router][moe][cuda]") {
   equal_fp32(top_k{1, false}, true, seed + 1);
   equal_fp32(top_p{0.5f, 1, 4, false}, false, seed + 2);
   equal_fp32(adaptive<entropy_score>{1, 4}, true, seed + 3);
+  equal_fp32(adaptive<external_score>{1, 4}, false, seed + 10);  // per-token scores (were 0 on the GPU)
   equal_fp32(top_k{2, true}, true, seed + 4, moe_gemm_mode::grouped);     // one grouped GEMM per projection
   equal_fp32(top_k{2, true}, false, seed + 5, moe_gemm_mode::per_expert);  // one GEMM per expert
   equal_fp32(top_k{1, true}, false, seed + 6, moe_gemm_mode::automatic, 2);  // two shared experts

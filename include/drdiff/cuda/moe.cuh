@@ -62,6 +62,9 @@ struct cuda_moe_args {
   T const* w_shared_gate = nullptr;  ///< [shared × d_ff × d_model], SwiGLU only
   T const* w_shared_down = nullptr;  ///< [shared × d_model × d_ff]
   float timestep = 0.f;
+  /// [tokens] in device memory, passed to the router as token_info::score (router::external_score);
+  /// null: 0 for every token, as on the CPU.
+  float const* maybe_token_scores = nullptr;
   cublasHandle_t cublas = nullptr;  ///< the caller's handle (its stream is set to ctx.stream)
   moe_gemm_mode gemm_mode = moe_gemm_mode::automatic;
   float capacity_factor = 0.f;  ///< 0: dropless; > 0: each expert keeps its first ⌈cf·T·k/E⌉ rows in token order
@@ -88,7 +91,8 @@ using drdiff::detail::gemm_abt;
 /// stat (optional, 2E + 2 doubles): Σ_t p_t[e], argmax counts, Σ lse², Σ selections.
 template <class Router>
 __global__ void moe_route_kernel(Router r, float const* logits, float const* bias, int tokens, int experts, int width,
-                                 float timestep, int* count, int* expert, float* weight, unsigned* keys,
+                                 float timestep, float const* scores, int* count, int* expert, float* weight,
+                                 unsigned* keys,
                                  unsigned* entries, int* bad, double* stat) {
   int const t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
@@ -100,6 +104,7 @@ __global__ void moe_route_kernel(Router r, float const* logits, float const* bia
   token_info info;
   info.token = t;
   info.timestep = timestep;
+  info.score = scores ? scores[t] : 0.f;
   int const n = r(z, experts, info, expert + std::size_t(t) * width, weight + std::size_t(t) * width);
   count[t] = n;
   if (stat) {  // the statistics, as the CPU computes them (atomics: only when asked for)
@@ -522,7 +527,8 @@ int moe_forward(context<cuda> const& ctx, Router const& r, cuda_moe_args<T> cons
       DRDIFF_CUDA_CHECK(cudaMemsetAsync(stat, 0, (2 * std::size_t(E) + 2) * sizeof(double), stream));
     }
     detail::moe_route_kernel<<<(T_ + 127) / 128, 128, 0, stream>>>(r, logits, a.b_router, T_, E, width, a.timestep,
-                                                                    count, expert, weight, keys, ent, bad, stat);
+                                                                    a.maybe_token_scores, count, expert, weight,
+                                                                    keys, ent, bad, stat);
   }
   DRDIFF_CUDA_CHECK(cudaGetLastError());
   // 2. Stable sort of the entries by expert.
