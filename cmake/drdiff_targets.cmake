@@ -7,3 +7,10 @@ function(drdiff_internal_options target)
     $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<BOOL:${DRDIFF_NATIVE}>>:-march=native>
     $<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<BOOL:${DRDIFF_NATIVE}>>:-Xcompiler=-march=native>)
 endfunction()
+
+# Our tests and examples read model directories (config.json): nlohmann-json is required for them.
+if(NOT nlohmann_json_FOUND)
+  message(FATAL_ERROR "DrDiff's tests and examples need nlohmann-json (Debian nlohmann-json3-dev; "
+                      "scripts/install_deps.sh installs it), or configure with -DDRDIFF_BUILD_TESTS=OFF "
+                      "-DDRDIFF_BUILD_EXAMPLES=OFF -DDRDIFF_BUILD_BENCHMARKS=OFF")
+endif()

@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace {
@@ -45,7 +46,40 @@ void draw_passes(char const* title, drdiff::attn::sparse_union const& u, int n) 
 
 }  // namespace
 
+/// --dump-hsa N FILE: the default attn::hsa{} mask at length N (head 0), row-major N×N bits, the
+/// least significant bit first (numpy.unpackbits(..., bitorder="little")): the oracle the PyTorch
+/// side's FlexAttention block masks are checked against (python/tests/test_masks.py).
+int dump_hsa(int n, char const* path) {
+  if (n < 1 || n > 65536) {
+    std::fprintf(stderr, "drdiff-attention-masks: --dump-hsa N = %d is outside 1..65536\n", n);
+    return 2;
+  }
+  drdiff::attn::hsa const h{};
+  h.validate(n, 1);
+  auto const p = h.bind(n, 0);
+  std::vector<unsigned char> bits((std::size_t(n) * n + 7) / 8, 0);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j)
+      if (p.mask(i, j)) {
+        std::size_t const b = std::size_t(i) * n + j;
+        bits[b / 8] |= (unsigned char)(1u << (b % 8));
+      }
+  std::FILE* f = std::fopen(path, "wb");
+  if (!f || std::fwrite(bits.data(), 1, bits.size(), f) != bits.size() || std::fclose(f) != 0) {
+    std::fprintf(stderr, "drdiff-attention-masks: cannot write '%s'\n", path);
+    return 1;
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--dump-hsa") {
+    if (argc != 4) {
+      std::fprintf(stderr, "usage: drdiff-attention-masks --dump-hsa N FILE\n");
+      return 2;
+    }
+    return dump_hsa(std::atoi(argv[2]), argv[3]);
+  }
   int const n = argc > 1 ? std::atoi(argv[1]) : 40;
   using namespace drdiff::attn;
   draw("dense", dense{}, n);

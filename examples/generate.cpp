@@ -1,22 +1,31 @@
 // drdiff-generate: text generation with a DrDiff model on the CPU or, when built with nvcc (CMake
 // compiles this file as CUDA when the toolkit is found), on the GPU.
 //
-//   drdiff-generate [--preset tiny|small|base | --weights FILE] [--length N] [--steps S]
+//   drdiff-generate [--model DIR | --preset tiny|small|base [--weights FILE]] [--length N] [--steps S]
 //                   [--solver ddim|2m|3m] [--seed S] [--prompt TEXT] [--vocab FILE.json]
 //                   [--guidance] [--threads T] [--backend cpu|cuda] [--save-weights FILE]
-//                   [--progress] [--timing] [--raw]
+//                   [--progress] [--timing] [--raw] [--no-echo]
 //
-// Without --weights the preset's weights are random from --seed (the library ships no trained
-// weights), so the text is noise; the run still exercises the whole pipeline and reports its speed.
+// --model DIR reads a model directory (config.json, weights, tokenizer; docs/weights.md), e.g. the
+// trained models/drdiff-text. A preset without --weights has random weights from --seed, so its text
+// is noise; that run still exercises the whole pipeline and reports its speed.
 
 #include <drdiff/cpu/model.hpp>
+#include <drdiff/model/directory.hpp>
 #include <drdiff/model/tokenizer.hpp>
+#if defined(DRDIFF_HAS_SENTENCEPIECE)
+#include <drdiff/model/sentencepiece.hpp>
+#endif
 #if defined(__CUDACC__)
 #include <drdiff/cuda.cuh>
 #include <drdiff/cuda/model.cuh>
 #endif
 
 #include <unistd.h>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
 
 #include <cerrno>
 #include <chrono>
@@ -31,17 +40,21 @@ using namespace drdiff;
 namespace {
 
 struct options {
-  std::string preset = "small", weights, solver = "2m", prompt, vocab, backend = "cpu", save;
+  std::string preset = "small", weights, solver, prompt, vocab, backend = "cpu", save, model;
   int length = 256, steps = 0, threads = 0;
   unsigned long long seed = 0;
-  bool guidance = false, progress = false, raw = false, timing = false;
+  bool guidance = false, progress = false, raw = false, timing = false, echo = true, list = false;
 };
 
 char const* usage =
-    "usage: drdiff-generate [--preset tiny|small|base | --weights FILE] [--length N] [--steps S]\n"
+    "usage: drdiff-generate [--model DIR | --preset tiny|small|base [--weights FILE]] [--length N] [--steps S]\n"
     "                       [--solver ddim|2m|3m] [--seed S] [--prompt TEXT] [--vocab FILE.json]\n"
     "                       [--guidance] [--threads T] [--backend cpu|cuda] [--save-weights FILE]\n"
-    "                       [--progress] [--timing] [--raw]\n"
+    "                       [--progress] [--timing] [--raw] [--no-echo]\n"
+    "--model DIR: a model directory (config.json, weights, tokenizer); its sampling settings are the\n"
+    "             defaults of --steps and --solver\n"
+    "--no-echo: print only the continuation, not the prompt before it\n"
+    "--list-tensors: print the model's tensors (name, shape) as JSON lines and exit\n"
     "--timing: on the GPU, time each component with CUDA events (synchronises; slower)\n";
 
 [[noreturn]] void bad(std::string const& msg) {
@@ -70,6 +83,9 @@ options parse(int argc, char** argv) {
       std::fputs(usage, stdout);
       std::exit(0);
     } else if (a == "--preset") o.preset = value();
+    else if (a == "--model") o.model = value();
+    else if (a == "--no-echo") o.echo = false;
+    else if (a == "--list-tensors") o.list = true;
     else if (a == "--weights") o.weights = value();
     else if (a == "--length") o.length = int(integer(a, value(), 1, 1 << 20));
     else if (a == "--steps") o.steps = int(integer(a, value(), 1, 1000));
@@ -87,22 +103,45 @@ options parse(int argc, char** argv) {
     else bad("unknown option '" + a + "'");
   }
   if (o.preset != "tiny" && o.preset != "small" && o.preset != "base") bad("--preset '" + o.preset + "' is not tiny, small or base");
-  if (o.solver != "ddim" && o.solver != "2m" && o.solver != "3m") bad("--solver '" + o.solver + "' is not ddim, 2m or 3m");
+  if (!o.solver.empty() && o.solver != "ddim" && o.solver != "2m" && o.solver != "3m")
+    bad("--solver '" + o.solver + "' is not ddim, 2m or 3m");
+  if (!o.model.empty() && (!o.weights.empty() || !o.vocab.empty()))
+    bad("--model DIR names its own weights and tokenizer: drop --weights and --vocab");
   if (o.backend != "cpu" && o.backend != "cuda") bad("--backend '" + o.backend + "' is not cpu or cuda");
   return o;
 }
 
+/// The text as it can be shown on a terminal: valid UTF-8, newlines and tabs as they are; other
+/// control bytes and bytes of invalid UTF-8 as \xNN (and a backslash doubled, so escapes stay unambiguous).
 std::string printable(std::string const& s) {
   std::string o;
-  for (unsigned char c : s) {
+  auto hex = [&](unsigned char c) {
+    char buf[8];
+    std::snprintf(buf, sizeof buf, "\\x%02x", c);
+    o += buf;
+  };
+  for (std::size_t i = 0; i < s.size();) {
+    unsigned char const c = static_cast<unsigned char>(s[i]);
     if (c == '\\') {
-      o += "\\\\";  // a backslash, doubled so that escapes stay unambiguous
-    } else if (c == '\n' || (c >= 0x20 && c < 0x7f)) {
+      o += "\\\\";
+      ++i;
+    } else if (c == '\n' || c == '\t' || (c >= 0x20 && c < 0x7f)) {
       o += char(c);
+      ++i;
+    } else if (c >= 0xc2 && c <= 0xf4) {  // a UTF-8 lead byte: keep the sequence when it is complete
+      std::size_t const len = c < 0xe0 ? 2 : c < 0xf0 ? 3 : 4;
+      bool ok = i + len <= s.size();
+      for (std::size_t k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(s[i + k]) & 0xc0) == 0x80;
+      if (ok) {
+        o.append(s, i, len);
+        i += len;
+      } else {
+        hex(c);
+        ++i;
+      }
     } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      o += buf;
+      hex(c);
+      ++i;
     }
   }
   return o;
@@ -120,41 +159,154 @@ int main(int argc, char** argv) {
   }
 #endif
   try {
-    auto cfg = o.preset == "tiny" ? presets::tiny() : o.preset == "small" ? presets::small() : presets::base();
+    model_config<> cfg;
+    model_directory dir;
+    std::string tokenizer_kind = o.vocab.empty() ? "bytes" : "vocab-json";
+    if (!o.model.empty()) {
+      dir = model_directory::open(o.model);
+      cfg = dir.config;
+      tokenizer_kind = dir.tokenizer_kind;
+    } else {
+      cfg = o.preset == "tiny" ? presets::tiny() : o.preset == "small" ? presets::small() : presets::base();
+    }
     if (o.steps) cfg.steps = o.steps;
-    cfg.solver.order = o.solver == "ddim" ? 1 : o.solver == "2m" ? 2 : 3;
+    if (!o.solver.empty()) cfg.solver.order = o.solver == "ddim" ? 1 : o.solver == "2m" ? 2 : 3;
+    char const* solver_name[] = {"", "ddim", "2m", "3m"};
     cfg.guidance = o.guidance;
     if (o.guidance) cfg.guidance_schedule.lambda_min = 1.5;
     byte_tokenizer bytes;
     vocab_tokenizer vocab;
-    bool const use_vocab = !o.vocab.empty();
-    if (use_vocab) {
-      vocab = vocab_tokenizer::from_file(o.vocab);
-      cfg.sizes.vocab = vocab.vocab();
+#if defined(DRDIFF_HAS_SENTENCEPIECE)
+    sentencepiece_tokenizer spm;
+#endif
+    if (tokenizer_kind == "vocab-json") {
+      vocab = vocab_tokenizer::from_file(o.model.empty() ? o.vocab : dir.tokenizer_path());
+      if (o.model.empty()) cfg.sizes.vocab = vocab.vocab();
+    } else if (tokenizer_kind == "sentencepiece") {
+#if defined(DRDIFF_HAS_SENTENCEPIECE)
+      spm = sentencepiece_tokenizer::from_file(dir.tokenizer_path());
+#else
+      DRDIFF_FAIL("drdiff-generate: ", o.model, " has a SentencePiece tokenizer, but this build has no SentencePiece "
+                  "(install libsentencepiece-dev, e.g. with scripts/install_deps.sh, and rebuild)");
+#endif
+    }
+    auto encode = [&](std::string const& t) {
+#if defined(DRDIFF_HAS_SENTENCEPIECE)
+      if (tokenizer_kind == "sentencepiece") return spm.encode(t);
+#endif
+      return tokenizer_kind == "vocab-json" ? vocab.encode(t) : bytes.encode(t);
+    };
+    auto decode = [&](std::vector<int> const& ids) {
+#if defined(DRDIFF_HAS_SENTENCEPIECE)
+      if (tokenizer_kind == "sentencepiece") return spm.decode(ids);
+#endif
+      return tokenizer_kind == "vocab-json" ? vocab.decode(ids) : bytes.decode(ids);
+    };
+    if (o.list) {
+      for (auto const& p : parameter_specs(cfg.sizes, cfg.activation)) {
+        std::string shape;
+        for (std::size_t i = 0; i < p.shape.size(); ++i) shape += (i ? ", " : "") + std::to_string(p.shape[i]);
+        std::printf("{\"name\": \"%s\", \"shape\": [%s]}\n", p.name.c_str(), shape.c_str());
+      }
+      return 0;
     }
     model<cpu, model_config<>> m(cfg);
-    if (o.weights.empty()) m.init_random(o.seed);
-    else m.load(o.weights);
+    if (!o.model.empty()) {
+      dir.load_into(m);
+      DRDIFF_CHECK(tokenizer_kind != "vocab-json" || vocab.vocab() == cfg.sizes.vocab, "drdiff-generate: ",
+                   dir.tokenizer_path(), " has ", vocab.vocab(), " tokens but config.json says sizes.vocab = ",
+                   cfg.sizes.vocab);
+#if defined(DRDIFF_HAS_SENTENCEPIECE)
+      DRDIFF_CHECK(tokenizer_kind != "sentencepiece" || spm.vocab() == cfg.sizes.vocab, "drdiff-generate: ",
+                   dir.tokenizer_path(), " has ", spm.vocab(), " pieces but config.json says sizes.vocab = ",
+                   cfg.sizes.vocab);
+#endif
+    } else if (o.weights.empty()) {
+      m.init_random(o.seed);
+    } else {
+      m.load(o.weights);
+    }
     if (!o.save.empty()) m.save(o.save);
     generation_request req;
-    req.prompt = use_vocab ? vocab.encode(o.prompt) : bytes.encode(o.prompt);
+    req.prompt = encode(o.prompt);
     req.length = o.length;
+    DRDIFF_CHECK(req.prompt.size() + std::size_t(o.length) <= (std::size_t(1) << 20), "drdiff-generate: the prompt's ",
+                 req.prompt.size(), " tokens and --length ", o.length, " make more than 1048576 tokens");
     req.seed = o.seed;
+    // The plan, before the first model evaluation: sizes, the attention tier, the memory it needs.
+    std::int64_t const N = std::int64_t(req.prompt.size()) + o.length;
+    auto const& sz = cfg.sizes;
+    int const tier = cfg.attention.tier_index(int(N));
+    auto const& tr = cfg.attention.tiers[tier];
+    std::string tier_text = "dense";
+    if (!tr.dense)
+      tier_text = "window " + std::to_string(tr.window) + ", dilation " + std::to_string(tr.rate) + " to " +
+                  std::to_string(tr.span) + ", " + std::to_string(tr.globals.resolve(int(N))) + " global tokens";
+    // Host memory of a CPU generation: the fp32 weights, the activations of one forward (h, LayerNorm,
+    // attention out, FFN out, q/k/v, the routed experts' hidden rows), the attention state, the
+    // solver's state and history, and the categorical prediction's logits per worker.
+    double weights_bytes = 0;
+    for (auto const& p : parameter_specs(sz, cfg.activation)) weights_bytes += 4.0 * double(p.elements());
+    int const workers = std::max(1, o.threads > 0 ? std::min(o.threads, int(std::thread::hardware_concurrency()))
+                                                  : int(std::thread::hardware_concurrency()));
+    double const act = 4.0 * double(N) * (7.0 * sz.d_model + 2.0 * (cfg.router.k + sz.shared_experts) * sz.d_ff +
+                                         6.0 * sz.embed_dim + 4.0 * sz.heads);
+    double const logits = cfg.output == prediction::categorical ? 4.0 * workers * 64.0 * sz.vocab : 0.0;
+    double const need = weights_bytes + act + logits;
+    long const pages = ::sysconf(_SC_AVPHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    double const avail = pages > 0 && page > 0 ? double(pages) * double(page) : 0.0;
+    std::string const what = o.model.empty() ? "preset " + o.preset + (o.weights.empty() ? " (random weights)" : "")
+                                             : "model " + o.model;
+    std::fprintf(stderr,
+                 "drdiff-generate: %s, %s (%lld active parameters), %d + %d tokens, %d steps of %s\n"
+                 "drdiff-generate: plan: d_model %d, %d blocks of %d heads, %d experts (top-%d), vocab %d; attention "
+                 "tier %d (N = %lld: %s); memory %.1f MB (weights %.1f MB)%s\n",
+                 o.backend.c_str(), what.c_str(), (long long)sz.active_parameters(cfg.router.k), int(req.prompt.size()),
+                 o.length, cfg.steps, solver_name[cfg.solver.order], sz.d_model, sz.blocks, sz.heads, sz.experts,
+                 cfg.router.k, sz.vocab, tier, (long long)N, tier_text.c_str(), need / 1e6, weights_bytes / 1e6,
+                 avail > 0 ? (", " + std::to_string(long(avail / 1e6)) + " MB available").c_str() : "");
+    std::fflush(stderr);
+    DRDIFF_CHECK(o.backend != "cpu" || avail <= 0 || need <= avail, "drdiff-generate: this request needs about ",
+                 long(need / 1e6), " MB of memory but ", long(avail / 1e6),
+                 " MB are available: ask for fewer tokens (--length) or free memory");
+    // The progress bar: redrawn every 0.25 s from the start (elapsed time), with the step count the
+    // sampler reports after each step.
     bool const bar = o.progress || isatty(STDERR_FILENO);
     auto const start = std::chrono::steady_clock::now();
-    if (bar)
-      req.progress = [&](int step, int steps) {
-        double const el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        double const eta = el / step * (steps - step);
-        int const width = 30, done = width * step / steps;
-        std::fprintf(stderr, "\r[%.*s%*s] step %d/%d  elapsed %.1f s  ETA %.1f s ", done,
-                     "##############################", width - done, "", step, steps, el, eta);
-        if (step == steps) std::fputc('\n', stderr);
-        std::fflush(stderr);
-      };
-    std::fprintf(stderr, "drdiff-generate: %s, preset %s (%lld active parameters), %d + %d tokens, %d steps of %s\n",
-                 o.backend.c_str(), o.preset.c_str(), (long long)cfg.sizes.active_parameters(cfg.router.k), int(req.prompt.size()), o.length,
-                 cfg.steps, o.solver.c_str());
+    std::atomic<int> steps_done{0};
+    std::atomic<bool> finished{false};
+    std::mutex draw_mutex;
+    auto draw = [&](bool last) {
+      std::lock_guard<std::mutex> lock(draw_mutex);
+      int const step = steps_done.load(), steps = cfg.steps;
+      double const el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      int const width = 30, done = width * step / steps;
+      std::fprintf(stderr, "\r[%.*s%*s] step %d/%d  elapsed %.1f s", done, "##############################",
+                   width - done, "", step, steps, el);
+      if (step > 0) std::fprintf(stderr, "  ETA %.1f s ", el / step * (steps - step));
+      else std::fputs("  (first step) ", stderr);
+      if (last) std::fputc('\n', stderr);
+      std::fflush(stderr);
+    };
+    std::thread ticker;
+    if (bar) {
+      req.progress = [&](int step, int) { steps_done.store(step); };
+      ticker = std::thread([&] {
+        draw(false);
+        while (!finished.load()) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(250));
+          if (!finished.load()) draw(false);
+        }
+      });
+    }
+    struct join_on_exit {  // the ticker stops on every way out, exceptions included
+      std::thread& t;
+      std::atomic<bool>& f;
+      ~join_on_exit() {
+        f.store(true);
+        if (t.joinable()) t.join();
+      }
+    } stop_ticker{ticker, finished};
     generation_result r;
     if (o.backend == "cpu") {
       r = m.generate(context<cpu>{o.threads}, req);
@@ -165,9 +317,15 @@ int main(int argc, char** argv) {
       r = g.generate(req, o.timing);
 #endif
     }
-    std::string const text = use_vocab ? vocab.decode(r.tokens) : bytes.decode(r.tokens);
+    if (bar) {
+      finished.store(true);
+      if (ticker.joinable()) ticker.join();
+      draw(true);
+    }
+    std::string const text = (o.echo ? o.prompt : std::string()) + decode(r.tokens);
     std::fputs((o.raw ? text : printable(text)).c_str(), stdout);
     std::fputc('\n', stdout);
+    std::fflush(stdout);  // the text before the statistics on stderr
     auto const& t = r.timing;
     if (o.backend == "cpu" || o.timing)
       std::fprintf(stderr,

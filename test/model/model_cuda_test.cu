@@ -7,6 +7,10 @@
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/cuda.cuh>
 #include <drdiff/cuda/model.cuh>
+#include <drdiff/model/directory.hpp>
+#include <drdiff/model/safetensors.hpp>
+
+#include <sys/stat.h>
 
 #include <catch2/catch.hpp>
 
@@ -90,6 +94,11 @@ TEST_CASE("GPU model forward equals the CPU model (bf16 tolerance)", "[model][cu
   double const e5 = worst(compare_forward(shared, 1, 90, seed + 4));
   INFO("SwiGLU with a shared expert: " << e5);
   CHECK(e5 <= 3e-2);
+  auto cat = all;
+  cat.output = prediction::categorical;
+  double const e6 = worst(compare_forward(cat, 1, 300, seed + 5));
+  INFO("categorical data prediction (softmax over the table): " << e6);
+  CHECK(e6 <= 3e-2);
   // Top-2 of 4: a token whose second and third expert nearly tie may route differently in bf16 and
   // fp32; the others agree.
   auto const e4 = compare_forward(presets::tiny(), 2, 300, seed + 3);
@@ -119,4 +128,43 @@ TEST_CASE("GPU generation is deterministic and agrees with the CPU on most token
   CHECK(agree >= 0.8);
   r.seed = 5;
   CHECK(g.generate(r).tokens != a.tokens);
+}
+
+TEST_CASE("the shipped checkpoint's GPU forward matches PyTorch's golden tensors (bf16 tolerance)", "[model][cuda]") {
+  std::string const root = DRDIFF_SOURCE_DIR;
+  std::string const golden = root + "/test/model/golden/forward.safetensors";
+  struct stat st {};
+  REQUIRE(::stat(golden.c_str(), &st) == 0);
+  auto const dir = model_directory::open(root + "/models/drdiff-text");
+  model<cpu, model_config<>> c(dir.config);
+  dir.load_into(c);
+  model<gpu, model_config<>> g(dir.config, c.weights());
+  auto const f = safetensors::file::open(golden);
+  for (auto const& t : f.tensors()) {
+    if (t.name.rfind("xt.", 0) != 0) continue;
+    std::string const tag = t.name.substr(3);
+    int const n = int(t.shape[0]), de = int(t.shape[1]);
+    std::size_t const sz = std::size_t(n) * de;
+    std::vector<float> xt(sz), ref(sz), tv(1), got(sz);
+    f.read("xt." + tag, {n, de}, xt.data());
+    f.read("x0." + tag, {n, de}, ref.data());
+    f.read("t." + tag, {1}, tv.data());
+    float *dx = nullptr, *dy = nullptr;
+    DRDIFF_CUDA_CHECK(cudaMalloc(&dx, sz * sizeof(float)));
+    DRDIFF_CUDA_CHECK(cudaMalloc(&dy, sz * sizeof(float)));
+    DRDIFF_CUDA_CHECK(cudaMemcpy(dx, xt.data(), sz * sizeof(float), cudaMemcpyHostToDevice));
+    g.forward(dx, double(tv[0]), dy, 1, n);
+    DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, sz * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaFree(dx);
+    cudaFree(dy);
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < sz; ++i) {
+      num += double(got[i] - ref[i]) * (got[i] - ref[i]);
+      den += double(ref[i]) * ref[i];
+    }
+    double const rel = std::sqrt(num / den);
+    INFO(tag << ": N = " << n << ", relative L2 difference " << rel);
+    WARN("shipped checkpoint, GPU vs PyTorch fp32, " << tag << ": relative L2 " << rel);
+    CHECK(rel < 5e-2);
+  }
 }
