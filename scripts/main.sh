@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install what is missing, build, and run the examples — a tour of
 # every attention pattern (time, useful GFLOP/s, error against the float64 reference) and the
 # scaling table for N = 1K..64K —, the solver convergence study (CSV + log-log PNG via gnuplot) and
-# text generation with the default model preset (drdiff-generate).
+# text generation with the trained model in models/drdiff-text (drdiff-generate).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${DRDIFF_BUILD_DIR:-$root/build}
@@ -16,6 +16,8 @@ echo
 mkdir -p "$build/plots"
 "$build/examples/drdiff-solver-convergence" "$build/plots"
 echo
-# Text generation with the default preset (random weights from the seed: the pipeline and its speed,
-# not meaningful text), 512 new tokens after a prompt, DPM-Solver++ 2M in 10 steps.
-"$build/examples/drdiff-generate" --prompt "DrDiff generates long text by diffusion. " --length 512 --seed 1 --progress
+# Text from the trained model that ships in models/drdiff-text (models/drdiff-text/README.md): a
+# prompt, then 1,024 new tokens by DPM-Solver++ 2M in the model's 20 steps, on the CPU, with tokens/s.
+"$build/examples/drdiff-generate" --model "$root/models/drdiff-text" \
+  --prompt "${DRDIFF_PROMPT:-The kernel documentation describes}" --length "${DRDIFF_LENGTH:-1024}" \
+  --seed "${DRDIFF_SEED:-1}" --progress

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# On the GPU machine, after scripts/train_gpu.sh has finished: exports DrDiff's EMA weights as the
+# model directory, makes the parity golden files with PyTorch, runs the CUDA model test (GPU forward of
+# the checkpoint against them), evaluates quality against the AR baseline, and packs what comes back
+# into $OUT (the model's weights in two parts, each under the 16 MiB a returned file may have; the
+# baselines' weights as a tar in parts; the logs, plots, golden files and evaluation in results.tar.gz).
+#
+#   scripts/gpu_finish.sh RUNS_DIR BUILD_DIR
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+runs=${1:?runs folder}
+build=${2:?CUDA build folder with drdiff.test.model.cuda}
+out=${OUT:-$root/out}
+mkdir -p "$out" "$runs/pack"
+export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+tok=$root/models/drdiff-text/tokenizer.model
+set -e
+python3 -m drdiff.export --checkpoint "$runs/drdiff/ema.pt" --tokenizer "$tok" --out "$runs/export/drdiff-text" \
+  --steps 20 --solver 2m
+cp "$runs/export/drdiff-text/model.safetensors" "$runs/export/drdiff-text/config.json" "$root/models/drdiff-text/"
+python3 -m drdiff.golden --model "$root/models/drdiff-text" --corpus "$root/data/corpus" --out "$root/test/model/golden"
+set +e
+if [ -x "$build/test/drdiff.test.model.cuda" ]; then
+  "$build/test/drdiff.test.model.cuda" -s > "$runs/pack/model_cuda_test.log" 2>&1
+  echo "drdiff.test.model.cuda: exit $? ($(grep -E 'test cases|All tests' "$runs/pack/model_cuda_test.log" | tail -1))"
+  grep -E "relative L2|within|agree" "$runs/pack/model_cuda_test.log" | head -12
+else
+  echo "no CUDA test build in $build"; tail -20 "$build/../build.log" 2>/dev/null
+fi
+timeout "${DRDIFF_EVAL_SECONDS:-360}" python3 -m drdiff.evaluate --model "$root/models/drdiff-text" \
+  --ar "$runs/ar/ema.pt" --judge "$runs/judge/ema.pt" --corpus "$root/data/corpus" --out "$runs/eval" \
+  > "$runs/pack/evaluate.log" 2>&1
+echo "evaluate: exit $?"; grep -vE "Warning|warn|^ *$" "$runs/pack/evaluate.log" | tail -8
+for n in drdiff ar judge; do
+  mkdir -p "$runs/pack/$n"; cp "$runs/$n"/{log.jsonl,config.json,loss.png,stdout.log} "$runs/pack/$n/" 2>/dev/null
+done
+cp -r "$runs/eval" "$root/test/model/golden" "$runs/pack/" 2>/dev/null
+cp "$runs/tokens.log" "$runs/gemm.json" "$runs/pack/" 2>/dev/null
+cp "$root/models/drdiff-text/config.json" "$runs/pack/"
+sha256sum "$root/models/drdiff-text/model.safetensors" | tee "$runs/pack/model.sha256"
+tar -C "$runs" -czf "$out/results.tar.gz" pack
+split -b 15M -d "$root/models/drdiff-text/model.safetensors" "$out/model.safetensors.part"
+# The AR baseline's and the judge's EMA weights in bf16 (no optimizer state), for evaluations
+# elsewhere: one tar in 15 MB parts.
+mkdir -p "$runs/baselines"
+python3 - "$runs" <<'PY'
+import sys, torch
+runs = sys.argv[1]
+for n in ("ar", "judge"):
+    try:
+        ck = torch.load(f"{runs}/{n}/ema.pt", map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        continue
+    ck["weights"] = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in ck["weights"].items()}
+    torch.save(ck, f"{runs}/baselines/{n}_ema_bf16.pt")
+PY
+tar -C "$runs" -cf - baselines | split -b 15M -d - "$out/baselines.tar.part"
+ls -la "$out"

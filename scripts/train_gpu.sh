@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On the GPU machine: tokenizes the corpus once, then trains DrDiff, the autoregressive baseline (same
+# size, same tokens) and the autoregressive judge side by side, each as a background chain of runs of
+# at most $DRDIFF_RUN_MINUTES that resume from their checkpoints.
+#
+#   scripts/train_gpu.sh start RUNS_DIR       # returns at once; training goes on (setsid)
+#   scripts/train_gpu.sh status RUNS_DIR      # the last log line of each
+#
+# Budgets (minutes of training each, compilation not counted): DRDIFF_BUDGET (11), AR_BUDGET (11),
+# JUDGE_BUDGET (7); each run of a chain lasts DRDIFF_RUN_MINUTES (20) of wall time (a resumed run
+# compiles again: ~3 minutes with three trainers on one GPU). DRDIFF_GPU_BUILD=DIR
+# also builds the CUDA model test in DIR in the background.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+mode=${1:?start or status}
+runs=${2:?runs folder}
+corpus=${DRDIFF_CORPUS:-$root/data/corpus}
+tok=${DRDIFF_TOKENIZER:-$root/models/drdiff-text/tokenizer.model}
+export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+chain() {  # name kind budget seed [config]
+  local name=$1 kind=$2 budget=$3 seed=$4 cfg=${5:-}
+  local out=$runs/$name
+  mkdir -p "$out"
+  for _ in 1 2 3 4 5 6; do
+    python3 -m drdiff.train --kind "$kind" --corpus "$corpus" --tokenizer "$tok" --out "$out" \
+      --budget "$budget" --minutes "${DRDIFF_RUN_MINUTES:-20}" --seed "$seed" ${cfg:+--config "$cfg"} \
+      >> "$out/stdout.log" 2>&1 || { echo "FAILED" >> "$out/stdout.log"; return 1; }
+    grep -q '"kind": "done"' "$out/log.jsonl" && return 0
+  done
+}
+case "$mode" in
+  start)
+    mkdir -p "$runs/tokens"
+    python3 -m drdiff.data --corpus "$corpus" --tokenizer "$tok" --cache "$runs/tokens" | tee "$runs/tokens.log"
+    # The bf16 GEMM rate with the GPU to itself (each trainer also measures it, but they share the GPU).
+    python3 -c "import json, torch; from drdiff.train import gemm_rate; print(json.dumps({'gemm_flops': gemm_rate(torch.device('cuda')), 'gpu': torch.cuda.get_device_name()}))" | tee "$runs/gemm.json"
+    export -f chain; export runs corpus tok
+    setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1" > /dev/null 2>&1 < /dev/null &
+    setsid bash -c "chain ar ar ${AR_BUDGET:-11} 2" > /dev/null 2>&1 < /dev/null &
+    setsid bash -c "chain judge ar ${JUDGE_BUDGET:-7} 3 '{\"d_model\": 320, \"heads\": 5}'" > /dev/null 2>&1 < /dev/null &
+    echo "started: $runs/{drdiff,ar,judge}"
+    if [ -n "${DRDIFF_GPU_BUILD:-}" ]; then  # meanwhile, the CUDA model test (for scripts/gpu_finish.sh)
+      setsid bash -c "cmake -S '$root' -B '$DRDIFF_GPU_BUILD' -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH='$root/.deps' \
+        -DDRDIFF_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF -DDRDIFF_BUILD_BENCHMARKS=OFF \
+        > '$DRDIFF_GPU_BUILD.log' 2>&1 && cmake --build '$DRDIFF_GPU_BUILD' -j 8 --target drdiff.test.model.cuda \
+        >> '$DRDIFF_GPU_BUILD.log' 2>&1; echo BUILD_DONE \$? >> '$DRDIFF_GPU_BUILD.log'" > /dev/null 2>&1 < /dev/null &
+    fi
+    ;;
+  status)
+    for n in drdiff ar judge; do
+      echo "== $n: $(tail -1 "$runs/$n/log.jsonl" 2>/dev/null | cut -c1-400)"
+      grep -E 'Error|FAILED|Traceback' "$runs/$n/stdout.log" 2>/dev/null | tail -3 || true
+      grep -c '"skip"' "$runs/$n/log.jsonl" 2>/dev/null | sed 's/^/   skipped updates: /' || true
+    done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    [ -n "${DRDIFF_GPU_BUILD:-}" ] && tail -n 1 "$DRDIFF_GPU_BUILD.log"
+    n_done=$(cat "$runs"/{drdiff,ar,judge}/log.jsonl 2>/dev/null | grep -c '"kind": "done"')
+    echo "runs done: $n_done of 3"
+    ;;
+  *) echo "train_gpu: unknown mode $mode" >&2; exit 2 ;;
+esac
