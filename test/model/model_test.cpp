@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -256,7 +257,20 @@ TEST_CASE("model weights round-trip through safetensors; bad files name the tens
   CHECK_THROWS_WITH(b.load(dir + ".wide.safetensors"),
                     Contains("'blocks.0.moe.experts.up' has shape [4, 64, 128], expected [4, 256, 128]"));
   CHECK_THROWS_WITH(b.load(dir + ".missing.safetensors"), Contains("cannot open"));
-  for (char const* ext : {".f32", ".bf16", ".one", ".three", ".wide"}) std::remove((dir + ext + ".safetensors").c_str());
+  // Non-finite weights are refused by name (weights are untrusted input), in F32 and in BF16.
+  for (auto type : {safetensors::dtype::f32, safetensors::dtype::bf16}) {
+    model<cpu, model_config<>> bad(presets::tiny());
+    randomize(bad, seed + 1);
+    bad.tensor("blocks.1.attn.out.weight")[17] = std::numeric_limits<float>::infinity();
+    bad.save(dir + ".nan.safetensors", type);
+    CHECK_THROWS_WITH(b.load(dir + ".nan.safetensors"),
+                      Contains("tensor 'blocks.1.attn.out.weight' element 17 = inf is not finite"));
+    bad.tensor("blocks.1.attn.out.weight")[17] = std::nanf("");
+    bad.save(dir + ".nan.safetensors", type);
+    CHECK_THROWS_WITH(b.load(dir + ".nan.safetensors"), Contains("element 17 = nan is not finite"));
+  }
+  for (char const* ext : {".f32", ".bf16", ".one", ".three", ".wide", ".nan"})
+    std::remove((dir + ext + ".safetensors").c_str());
 }
 
 TEST_CASE("tokenizers: bytes round-trip; a JSON vocabulary encodes by greedy longest match", "[model][tokenizer]") {

@@ -8,6 +8,7 @@
 #include <drdiff/model/safetensors.hpp>
 #include <drdiff/solver/noise.hpp>
 
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -48,7 +49,15 @@ class model_weights {
     for (auto const& t : f.tensors())
       DRDIFF_CHECK(index_.count(t.name) != 0, "model: the weights hold tensor '", t.name,
                    "', which this configuration does not have");
-    for (std::size_t i = 0; i < specs_.size(); ++i) f.read(specs_[i].name, specs_[i].shape, data_[i].data());
+    for (std::size_t i = 0; i < specs_.size(); ++i) {
+      f.read(specs_[i].name, specs_[i].shape, data_[i].data());
+      // Weights are untrusted input: a NaN or an infinity would only show up, if at all, as NaN
+      // text much later. Refuse it here, naming the tensor and the element.
+      auto const& d = data_[i];
+      for (std::size_t j = 0; j < d.size(); ++j)
+        DRDIFF_CHECK(std::isfinite(d[j]), "model: tensor '", specs_[i].name, "' element ", j, " = ", d[j],
+                     " is not finite");
+    }
   }
   void load(std::string const& path) { load(safetensors::file::open(path)); }
   /// Writes every tensor (F32 is bit-exact; F16/BF16 round to nearest even).
