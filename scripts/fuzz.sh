@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer target of the safetensors reader with clang (address + undefined sanitizers)
-# and runs it for a bounded time over the seed corpus in test/fuzz/corpus/safetensors (copied, so the
-# repository is not touched). Needs clang and Debian's libclang-rt (scripts/test.sh installs them).
+# Builds the libFuzzer targets with clang (address + undefined sanitizers) and runs each for a
+# bounded time over its seed corpus (copied, so the repository is not touched): the safetensors
+# reader (test/fuzz/corpus/safetensors) and a model directory's config.json (test/fuzz/corpus/config,
+# half the time). Needs clang and Debian's libclang-rt (scripts/test.sh installs them).
 #
 #   scripts/fuzz.sh [seconds]      (default 60; FUZZ_SECONDS works too)
 set -euo pipefail
@@ -10,10 +11,17 @@ seconds=${1:-${FUZZ_SECONDS:-60}}
 build=${DRDIFF_BUILD_DIR:-$root/build}/fuzz
 cxx=${FUZZ_CXX:-$(command -v clang++ || true)}
 [ -n "$cxx" ] || { echo "fuzz: clang++ not found (scripts/install_deps.sh clang libclang-rt-dev)" >&2; exit 1; }
-mkdir -p "$build/corpus"
-"$cxx" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$root/include" "$root/test/fuzz/safetensors_fuzz.cpp" -o "$build/safetensors_fuzz"
-cp -n "$root"/test/fuzz/corpus/safetensors/* "$build/corpus/" 2>/dev/null || true
-echo "fuzz: safetensors reader for ${seconds} s"
-"$build/safetensors_fuzz" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-  "$build/corpus" 2>&1 | tail -n 12
+# target source corpus seconds: the safetensors reader for the full time, config.json for half of it.
+run() {
+  local name=$1 src=$2 corpus=$3 secs=$4
+  "$cxx" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+    -I"$root/include" ${5:-} "$root/test/fuzz/$src" -o "$build/$name"
+  mkdir -p "$build/corpus_$name"
+  cp -n "$root"/test/fuzz/corpus/"$corpus"/* "$build/corpus_$name/" 2>/dev/null || true
+  echo "fuzz: $name for ${secs} s"
+  "$build/$name" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    "$build/corpus_$name" 2>&1 | tail -n 12
+}
+mkdir -p "$build"
+run safetensors_fuzz safetensors_fuzz.cpp safetensors "$seconds"
+run config_fuzz config_fuzz.cpp config $(( (seconds + 1) / 2 ))

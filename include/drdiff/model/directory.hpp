@@ -42,21 +42,31 @@ struct model_directory {
                  why.empty() ? std::string("it is a file") : why, ")");
     std::string const cfg_path = dir + "/config.json";
     auto const bytes = detail::read_regular_file(cfg_path, "model directory", std::uint64_t(1) << 24);
+    model_directory d = from_json(std::string(bytes.begin(), bytes.end()), cfg_path);
+    d.path = dir;
+    detail::check_regular_file(d.weights_path(), "model directory (weights)");
+    if (!d.tokenizer_file.empty()) detail::check_regular_file(d.tokenizer_path(), "model directory (tokenizer)");
+    return d;
+  }
+
+  /// The settings of a config.json text (no file is opened; `path` and the file names are not
+  /// checked against the disk). `where` names the text in messages. Every malformed input is a
+  /// drdiff::error (the fuzz target test/fuzz/config_fuzz.cpp holds it to that).
+  static model_directory from_json(std::string const& text, std::string const& where = "config.json") {
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(bytes.begin(), bytes.end());
+      j = nlohmann::json::parse(text);
     } catch (nlohmann::json::exception const& e) {
-      DRDIFF_FAIL("model directory: '", cfg_path, "' is not valid JSON: ", e.what());
+      DRDIFF_FAIL("model directory: '", where, "' is not valid JSON: ", e.what());
     }
     model_directory d;
-    d.path = dir;
     try {
       d.read(j);
     } catch (error const& e) {
-      throw error(std::string(e.what()) + " (in '" + cfg_path + "')");
+      throw error(std::string(e.what()) + " (in '" + where + "')");
+    } catch (nlohmann::json::exception const& e) {  // not expected: read() checks types first
+      DRDIFF_FAIL("model directory: '", where, "': ", e.what());
     }
-    detail::check_regular_file(d.weights_path(), "model directory (weights)");
-    if (!d.tokenizer_file.empty()) detail::check_regular_file(d.tokenizer_path(), "model directory (tokenizer)");
     return d;
   }
 
