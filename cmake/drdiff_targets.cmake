@@ -14,3 +14,12 @@ if(NOT nlohmann_json_FOUND)
                       "scripts/install_deps.sh installs it), or configure with -DDRDIFF_BUILD_TESTS=OFF "
                       "-DDRDIFF_BUILD_EXAMPLES=OFF -DDRDIFF_BUILD_BENCHMARKS=OFF")
 endif()
+
+# The example programs parse their arguments with CLI11 (Debian libcli11-dev, header-only).
+if(DRDIFF_BUILD_EXAMPLES)
+  find_package(CLI11 2.1 CONFIG)
+  if(NOT CLI11_FOUND)
+    message(FATAL_ERROR "DrDiff's examples need CLI11 (Debian libcli11-dev; scripts/install_deps.sh installs "
+                        "it), or configure with -DDRDIFF_BUILD_EXAMPLES=OFF")
+  endif()
+endif()

@@ -4,6 +4,8 @@
 //
 //   drdiff-anchor-steps [output-dir]
 
+#include "cli_support.hpp"
+
 #include "anchor_study.hpp"
 
 #include <chrono>
@@ -14,7 +16,12 @@
 using namespace drdiff;
 
 int main(int argc, char** argv) {
-  std::string const dir = argc > 1 ? argv[1] : ".";
+  std::string dir = ".";
+  CLI::App app{"drdiff-anchor-steps: the anchor step study (quality against solver steps, with and without "
+               "guidance)", "drdiff-anchor-steps"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("dir", dir, "where the CSV goes");
+  drdiff::examples::parse_or_exit(app, argc, argv);
   std::ofstream csv(dir + "/anchor_steps.csv");
   if (!csv) {
     std::fprintf(stderr, "cannot write %s/anchor_steps.csv\n", dir.c_str());

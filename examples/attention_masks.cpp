@@ -4,6 +4,8 @@
 //
 //   drdiff-attention-masks [N]
 
+#include "cli_support.hpp"
+
 #include <drdiff/attention/policies.hpp>
 
 #include <cstdio>
@@ -73,14 +75,25 @@ int dump_hsa(int n, char const* path) {
 }
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--dump-hsa") {
-    if (argc != 4) {
-      std::fprintf(stderr, "usage: drdiff-attention-masks --dump-hsa N FILE\n");
+  int n = 40;
+  std::vector<std::string> dump;
+  CLI::App app{"drdiff-attention-masks: the masks as text, and which pass owns each pair of a union",
+               "drdiff-attention-masks"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("N", n, "sequence length of the pictures")->check(drdiff::examples::integer_in(1, 400));
+  app.add_option("--dump-hsa", dump, "N FILE: write the default hsa{} mask at length N as bits and exit")
+      ->expected(2)
+      ->type_name("N FILE");
+  drdiff::examples::parse_or_exit(app, argc, argv);
+  if (!dump.empty()) {
+    std::string v = dump[0];
+    std::string const why = drdiff::examples::integer_in(1, 65536)(v);
+    if (!why.empty()) {
+      std::fprintf(stderr, "drdiff-attention-masks: --dump-hsa N %s\n", why.c_str());
       return 2;
     }
-    return dump_hsa(std::atoi(argv[2]), argv[3]);
+    return dump_hsa(std::atoi(dump[0].c_str()), dump[1].c_str());
   }
-  int const n = argc > 1 ? std::atoi(argv[1]) : 40;
   using namespace drdiff::attn;
   draw("dense", dense{}, n);
   draw("local_window{3}", local_window{3}, n);

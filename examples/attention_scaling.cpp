@@ -4,6 +4,8 @@
 //
 //   drdiff-attention-scaling [max_N]
 
+#include "cli_support.hpp"
+
 #include "example_support.hpp"
 
 #include <cstdio>
@@ -37,7 +39,12 @@ void row(char const* name, Policy const& policy, int n) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int const max_n = argc > 1 ? std::atoi(argv[1]) : 65536;
+  int max_n = 65536;
+  CLI::App app{"drdiff-attention-scaling: HSA and the local window from 1K tokens up (time, GFLOP/s, ns per "
+               "query, error)", "drdiff-attention-scaling"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("max_N", max_n, "the longest sequence")->check(drdiff::examples::integer_in(1024, 1 << 22));
+  drdiff::examples::parse_or_exit(app, argc, argv);
   std::printf("DrDiff %s attention scaling: heads = 4, head_dim = 64, float, %d threads\n", DRDIFF_VERSION_STRING,
               drdiff::detail::resolve_threads(0));
   std::printf("%-8s %7s %5s %10s %9s %9s %11s %11s\n", "pattern", "N", "tier", "time ms", "density", "GFLOP/s",

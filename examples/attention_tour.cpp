@@ -3,6 +3,8 @@
 //
 //   drdiff-attention-tour [N]
 
+#include "cli_support.hpp"
+
 #include "example_support.hpp"
 
 #include <cstdio>
@@ -27,7 +29,12 @@ void tour(char const* name, Policy const& policy, example::tensors& t, int n) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int const n = argc > 1 ? std::atoi(argv[1]) : 4096;
+  int n = 4096;
+  CLI::App app{"drdiff-attention-tour: every attention pattern at one length (time, density, useful GFLOP/s, "
+               "error against the float64 reference)", "drdiff-attention-tour"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("N", n, "sequence length")->check(drdiff::examples::integer_in(64, 1 << 20));
+  drdiff::examples::parse_or_exit(app, argc, argv);
   int const heads = 4, dim = 64;
   example::tensors t(1, n, heads, dim, 2026);
   std::printf("DrDiff %s attention tour: N = %d, heads = %d, head_dim = %d, float, %d threads\n",

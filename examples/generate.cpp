@@ -1,14 +1,16 @@
 // drdiff-generate: text generation with a DrDiff model on the CPU or, when built with nvcc (CMake
 // compiles this file as CUDA when the toolkit is found), on the GPU.
 //
-//   drdiff-generate [--model DIR | --preset tiny|small|base [--weights FILE]] [--length N] [--steps S]
-//                   [--solver ddim|2m|3m] [--seed S] [--prompt TEXT] [--vocab FILE.json]
-//                   [--guidance] [--threads T] [--backend cpu|cuda] [--save-weights FILE]
-//                   [--progress] [--timing] [--raw] [--no-echo]
+//   drdiff-generate --model DIR --prompt TEXT [--length N] [--steps S] [--solver ddim|2m|3m] [--seed S]
+//   drdiff-generate --preset tiny|small|base [--weights FILE] ...      (random weights without --weights)
+//   drdiff-generate --help                                              (every option with its default)
 //
 // --model DIR reads a model directory (config.json, weights, tokenizer; docs/weights.md), e.g. the
 // trained models/drdiff-text. A preset without --weights has random weights from --seed, so its text
-// is noise; that run still exercises the whole pipeline and reports its speed.
+// is noise; that run still exercises the whole pipeline and reports its speed. Arguments are parsed
+// by CLI11 (examples/cli_support.hpp).
+
+#include "cli_support.hpp"
 
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/model/directory.hpp>
@@ -46,68 +48,40 @@ struct options {
   bool guidance = false, progress = false, raw = false, timing = false, echo = true, list = false;
 };
 
-char const* usage =
-    "usage: drdiff-generate [--model DIR | --preset tiny|small|base [--weights FILE]] [--length N] [--steps S]\n"
-    "                       [--solver ddim|2m|3m] [--seed S] [--prompt TEXT] [--vocab FILE.json]\n"
-    "                       [--guidance] [--threads T] [--backend cpu|cuda] [--save-weights FILE]\n"
-    "                       [--progress] [--timing] [--raw] [--no-echo]\n"
-    "--model DIR: a model directory (config.json, weights, tokenizer); its sampling settings are the\n"
-    "             defaults of --steps and --solver\n"
-    "--no-echo: print only the continuation, not the prompt before it\n"
-    "--list-tensors: print the model's tensors (name, shape) as JSON lines and exit\n"
-    "--timing: on the GPU, time each component with CUDA events (synchronises; slower)\n";
-
-[[noreturn]] void bad(std::string const& msg) {
-  std::fprintf(stderr, "drdiff-generate: %s\n%s", msg.c_str(), usage);
-  std::exit(2);
-}
-
-long long integer(std::string const& opt, char const* v, long long lo, long long hi) {
-  char* end = nullptr;
-  errno = 0;
-  long long const x = std::strtoll(v, &end, 10);
-  if (errno || end == v || *end != '\0') bad(opt + " needs an integer, got '" + v + "'");
-  if (x < lo || x > hi) bad(opt + " = " + v + " is outside " + std::to_string(lo) + ".." + std::to_string(hi));
-  return x;
-}
-
 options parse(int argc, char** argv) {
+  using examples::integer_in;
+  using examples::one_of;
   options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string const a = argv[i];
-    auto value = [&]() -> char const* {
-      if (i + 1 >= argc) bad(a + " needs a value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      std::fputs(usage, stdout);
-      std::exit(0);
-    } else if (a == "--preset") o.preset = value();
-    else if (a == "--model") o.model = value();
-    else if (a == "--no-echo") o.echo = false;
-    else if (a == "--list-tensors") o.list = true;
-    else if (a == "--weights") o.weights = value();
-    else if (a == "--length") o.length = int(integer(a, value(), 1, 1 << 20));
-    else if (a == "--steps") o.steps = int(integer(a, value(), 1, 1000));
-    else if (a == "--solver") o.solver = value();
-    else if (a == "--seed") o.seed = (unsigned long long)integer(a, value(), 0, (1ll << 62));
-    else if (a == "--prompt") o.prompt = value();
-    else if (a == "--vocab") o.vocab = value();
-    else if (a == "--guidance") o.guidance = true;
-    else if (a == "--threads") o.threads = int(integer(a, value(), 0, 1024));
-    else if (a == "--backend") o.backend = value();
-    else if (a == "--save-weights") o.save = value();
-    else if (a == "--progress") o.progress = true;
-    else if (a == "--raw") o.raw = true;
-    else if (a == "--timing") o.timing = true;
-    else bad("unknown option '" + a + "'");
+  CLI::App app{"drdiff-generate: text generation with a DrDiff model (docs/model.md)", "drdiff-generate"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--model", o.model, "a model directory (config.json, weights, tokenizer; docs/weights.md); "
+                                     "its sampling settings are the defaults of --steps and --solver");
+  app.add_option("--preset", o.preset, "without --model: the sizes of a preset (random weights unless --weights)")
+      ->check(one_of({"tiny", "small", "base"}));
+  app.add_option("--weights", o.weights, "with --preset: a safetensors file of that preset's tensors");
+  app.add_option("--prompt", o.prompt, "text kept clean at every step; echoed before the continuation");
+  app.add_option("--length,--max-new-tokens", o.length, "new tokens after the prompt")
+      ->check(integer_in(1, 1 << 20));
+  app.add_option("--steps", o.steps, "solver steps (0: the model's or the preset's)")->check(integer_in(0, 1000));
+  app.add_option("--solver", o.solver, "DPM-Solver++ order: ddim, 2m or 3m (empty: the model's or 2m)")
+      ->check(one_of({"ddim", "2m", "3m"}, true));
+  app.add_option("--seed", o.seed, "the noise (same seed, same text)")->check(integer_in(0, 1ll << 62));
+  app.add_option("--vocab", o.vocab, "with --preset: a JSON array of token strings instead of bytes");
+  app.add_flag("--guidance", o.guidance, "clamp guidance toward the nearest embedding (lambda >= 1.5)");
+  app.add_option("--threads", o.threads, "CPU workers (0: the hardware's count; more is capped at it)")
+      ->check(integer_in(0, 1 << 16));
+  app.add_option("--backend", o.backend, "cpu, or cuda in a build with nvcc")->check(one_of({"cpu", "cuda"}));
+  app.add_option("--save-weights", o.save, "write the model's weights (F32 safetensors) to this file");
+  app.add_flag("--progress", o.progress, "a progress bar on stderr (always on a terminal)");
+  app.add_flag("--timing", o.timing, "on the GPU, time each component with CUDA events (synchronises; slower)");
+  app.add_flag("--raw", o.raw, "print the text as it is (no \\xNN escapes for control bytes)");
+  app.add_flag("!--no-echo", o.echo, "print only the continuation, not the prompt before it");
+  app.add_flag("--list-tensors", o.list, "print the model's tensors (name, shape) as JSON lines and exit");
+  examples::parse_or_exit(app, argc, argv);
+  if (!o.model.empty() && (!o.weights.empty() || !o.vocab.empty())) {
+    std::fprintf(stderr, "drdiff-generate: --model DIR names its own weights and tokenizer: drop --weights and --vocab\n");
+    std::exit(2);
   }
-  if (o.preset != "tiny" && o.preset != "small" && o.preset != "base") bad("--preset '" + o.preset + "' is not tiny, small or base");
-  if (!o.solver.empty() && o.solver != "ddim" && o.solver != "2m" && o.solver != "3m")
-    bad("--solver '" + o.solver + "' is not ddim, 2m or 3m");
-  if (!o.model.empty() && (!o.weights.empty() || !o.vocab.empty()))
-    bad("--model DIR names its own weights and tokenizer: drop --weights and --vocab");
-  if (o.backend != "cpu" && o.backend != "cuda") bad("--backend '" + o.backend + "' is not cpu or cuda");
   return o;
 }
 

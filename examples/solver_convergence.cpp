@@ -5,6 +5,8 @@
 //
 //   drdiff-solver-convergence [output-dir]
 
+#include "cli_support.hpp"
+
 #include <drdiff/cpu/solver.hpp>
 #include <drdiff/solver/problems.hpp>
 
@@ -57,7 +59,12 @@ std::vector<double> run(schedule_ops<vp_linear> const& ops, dpmpp_config const& 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string const dir = argc > 1 ? argv[1] : ".";
+  std::string dir = ".";
+  CLI::App app{"drdiff-solver-convergence: error against model evaluations of each solver on the Gaussian and "
+               "mixture problems (CSV + PNG)", "drdiff-solver-convergence"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("dir", dir, "where the CSV and the PNG go");
+  drdiff::examples::parse_or_exit(app, argc, argv);
   std::ofstream csv(dir + "/solver_convergence.csv");
   if (!csv) {
     std::fprintf(stderr, "cannot write %s/solver_convergence.csv\n", dir.c_str());

@@ -3,6 +3,8 @@
 //
 //   drdiff-custom-model [length]
 
+#include "../cli_support.hpp"
+
 #include "custom_parts.hpp"
 
 #include <drdiff/cpu/attention_reference.hpp>
@@ -27,7 +29,12 @@ my_config make_config() {
 }
 
 int main(int argc, char** argv) {
-  int const length = argc > 1 ? std::atoi(argv[1]) : 700;
+  int length = 700;
+  CLI::App app{"drdiff-custom-model: a model from user-defined parts, checked against the reference, then "
+               "generating", "drdiff-custom-model"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("length", length, "tokens to generate")->check(drdiff::examples::integer_in(1, 1 << 20));
+  drdiff::examples::parse_or_exit(app, argc, argv);
   if (length < 1) {
     std::fprintf(stderr, "usage: drdiff-custom-model [length >= 1]\n");
     return 2;

@@ -3,6 +3,8 @@
 //
 //   drdiff-custom-model-cuda [length]
 
+#include "../cli_support.hpp"
+
 #include "custom_parts.hpp"
 
 #include <drdiff/cpu/model.hpp>
@@ -20,7 +22,12 @@ using namespace drdiff;
 using my_config = model_config<custom::paragraphs, custom::threshold_router>;
 
 int main(int argc, char** argv) {
-  int const length = argc > 1 ? std::atoi(argv[1]) : 4000;
+  int length = 4000;
+  CLI::App app{"drdiff-custom-model-cuda: the custom model on the GPU against the CPU, then generating",
+               "drdiff-custom-model-cuda"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("length", length, "tokens to generate")->check(drdiff::examples::integer_in(1, 1 << 20));
+  drdiff::examples::parse_or_exit(app, argc, argv);
   if (length < 1) {
     std::fprintf(stderr, "usage: drdiff-custom-model-cuda [length >= 1]\n");
     return 2;
