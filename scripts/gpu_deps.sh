@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fills the git-ignored .deps/ folder with what the GPU machine lacks (it has CUDA, cmake, Google
 # Benchmark and PyTorch, but no Eigen, no Catch2 and no package registry): the headers and CMake
-# package files of Debian's libeigen3-dev, catch2 and nlohmann-json3-dev, and this machine's libbenchmark shared
+# package files of Debian's libeigen3-dev, catch2, nlohmann-json3-dev and libcli11-dev, and this machine's libbenchmark shared
 # library for binaries built here. Run it here, then name .deps in the device tool's `carry`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,5 +21,8 @@ cp /usr/lib/libCatch2WithMain.a "$deps/lib/"  # named by the Catch2 package file
 mkdir -p "$deps/share/cmake"
 cp -r /usr/include/nlohmann "$deps/include/"
 cp -r /usr/share/cmake/nlohmann_json "$deps/share/cmake/"
+# CLI11 (header-only; the examples' argument parsing), the same way.
+cp -r /usr/include/CLI "$deps/include/"
+cp -r /usr/share/cmake/CLI11 "$deps/share/cmake/"
 cp -L /usr/lib/x86_64-linux-gnu/libbenchmark.so.1debian "$deps/lib/runtime/"
 du -sh "$deps"
