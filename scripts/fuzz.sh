@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets with clang (address + undefined sanitizers) and runs each for a
 # bounded time over its seed corpus (copied, so the repository is not touched): the safetensors
-# reader (test/fuzz/corpus/safetensors) and a model directory's config.json (test/fuzz/corpus/config,
-# half the time). Needs clang and Debian's libclang-rt (scripts/test.sh installs them).
+# reader (test/fuzz/corpus/safetensors), a model directory's config.json (test/fuzz/corpus/config,
+# half the time) and the JSON vocabulary tokenizer (test/fuzz/corpus/vocab, a quarter). Needs clang and Debian's libclang-rt (scripts/test.sh installs them).
 #
 #   scripts/fuzz.sh [seconds]      (default 60; FUZZ_SECONDS works too)
 set -euo pipefail
@@ -11,7 +11,7 @@ seconds=${1:-${FUZZ_SECONDS:-60}}
 build=${DRDIFF_BUILD_DIR:-$root/build}/fuzz
 cxx=${FUZZ_CXX:-$(command -v clang++ || true)}
 [ -n "$cxx" ] || { echo "fuzz: clang++ not found (scripts/install_deps.sh clang libclang-rt-dev)" >&2; exit 1; }
-# target source corpus seconds: the safetensors reader for the full time, config.json for half of it.
+# name source corpus seconds
 run() {
   local name=$1 src=$2 corpus=$3 secs=$4
   "$cxx" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
@@ -25,3 +25,4 @@ run() {
 mkdir -p "$build"
 run safetensors_fuzz safetensors_fuzz.cpp safetensors "$seconds"
 run config_fuzz config_fuzz.cpp config $(( (seconds + 1) / 2 ))
+run vocab_fuzz vocab_fuzz.cpp vocab $(( (seconds + 3) / 4 ))

@@ -1,9 +1,13 @@
 #pragma once
 /// \file
-/// A strict cursor over JSON text for the library's small parsers (safetensors headers, vocabulary
-/// files): whitespace, punctuation, and strings with every escape, surrogate pairs and UTF-8
-/// validation (no overlongs, no lone surrogates). Errors are drdiff::error "<context> at byte N: ...".
-/// Never reads outside [text, text + size).
+/// A strict cursor over JSON text for the safetensors header: whitespace, punctuation, and strings
+/// with every escape, surrogate pairs and UTF-8 validation (no overlongs, no lone surrogates). Errors
+/// are drdiff::error "<context> at byte N: ...". Never reads outside [text, text + size).
+///
+/// Kept by hand (config.json and vocabulary files use nlohmann-json): the safetensors loader is part
+/// of drdiff::drdiff, which needs Eigen alone, and the header's rules are stricter than a general
+/// parser's defaults: a duplicate key is an error (nlohmann keeps the last one silently), every error
+/// names its byte position, and the reader is fuzzed as it stands (docs/weights.md).
 
 #include <drdiff/core/error.hpp>
 

@@ -1,11 +1,12 @@
 #pragma once
 /// \file
 /// Tokenizers of the generation pipeline. byte_tokenizer (the default, V = 256: a token is a byte,
-/// no vocabulary file) and vocab_tokenizer (a JSON array of token strings; greedy longest match).
+/// no vocabulary file) and vocab_tokenizer (a JSON array of token strings, read with nlohmann-json;
+/// greedy longest match). SentencePiece models: model/sentencepiece.hpp.
 
 #include <drdiff/core/error.hpp>
 #include <drdiff/core/file.hpp>
-#include <drdiff/core/json.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -41,31 +42,24 @@ struct byte_tokenizer {
 class vocab_tokenizer {
  public:
   static vocab_tokenizer from_json(std::string const& json) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(json);  // also refuses invalid UTF-8
+    } catch (nlohmann::json::exception const& e) {
+      DRDIFF_FAIL("vocab_tokenizer: bad JSON: ", e.what());
+    }
+    DRDIFF_CHECK(j.is_array(), "vocab_tokenizer: expected an array of strings, got ", j.type_name());
+    DRDIFF_CHECK(!j.empty(), "vocab_tokenizer: the vocabulary is empty");
     vocab_tokenizer t;
-    detail::json_cursor c(json.data(), json.size(), "vocab_tokenizer: bad JSON");
-    c.ws();
-    c.expect('[', "expected an array of strings");
-    c.ws();
-    if (c.peek() == ']') c.fail("the vocabulary is empty");
-    for (;;) {
-      c.ws();
-      if (c.peek() != '"') c.fail("expected a string");
-      std::string s = c.string();
-      if (s.empty()) c.fail("empty token");
+    for (std::size_t i = 0; i < j.size(); ++i) {
+      DRDIFF_CHECK(j[i].is_string(), "vocab_tokenizer: entry ", i, ": expected a string, got ", j[i].dump());
+      std::string s = j[i].get<std::string>();
+      DRDIFF_CHECK(!s.empty(), "vocab_tokenizer: entry ", i, " is an empty token");
       DRDIFF_CHECK(t.index_.count(s) == 0, "vocab_tokenizer: duplicate token '", s, "' (id ", t.tokens_.size(), ")");
       t.index_.emplace(s, int(t.tokens_.size()));
       t.longest_ = std::max(t.longest_, s.size());
       t.tokens_.push_back(std::move(s));
-      c.ws();
-      if (c.peek() == ',') {
-        c.expect(',', "");
-        continue;
-      }
-      c.expect(']', "expected ',' or ']'");
-      break;
     }
-    c.ws();
-    if (!c.at_end()) c.fail("unexpected bytes after the array");
     return t;
   }
   static vocab_tokenizer from_file(std::string const& path) {
