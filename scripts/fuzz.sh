@@ -2,7 +2,8 @@
 # Builds the libFuzzer targets with clang (address + undefined sanitizers) and runs each for a
 # bounded time over its seed corpus (copied, so the repository is not touched): the safetensors
 # reader (test/fuzz/corpus/safetensors), a model directory's config.json (test/fuzz/corpus/config,
-# half the time) and the JSON vocabulary tokenizer (test/fuzz/corpus/vocab, a quarter). Needs clang and Debian's libclang-rt (scripts/test.sh installs them).
+# half the time), the JSON vocabulary tokenizer (test/fuzz/corpus/vocab, a quarter) and
+# drdiff-generate's command line (test/fuzz/corpus/cli, a quarter). Needs clang and Debian's libclang-rt (scripts/test.sh installs them).
 #
 #   scripts/fuzz.sh [seconds]      (default 60; FUZZ_SECONDS works too)
 set -euo pipefail
@@ -26,3 +27,4 @@ mkdir -p "$build"
 run safetensors_fuzz safetensors_fuzz.cpp safetensors "$seconds"
 run config_fuzz config_fuzz.cpp config $(( (seconds + 1) / 2 ))
 run vocab_fuzz vocab_fuzz.cpp vocab $(( (seconds + 3) / 4 ))
+run cli_fuzz cli_fuzz.cpp cli $(( (seconds + 3) / 4 )) "-I$root/examples"
