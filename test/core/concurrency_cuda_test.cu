@@ -1,0 +1,145 @@
+// Several host threads at once, each with its own CUDA stream and workspace: drdiff::attention (bf16,
+// the HSA tiers) and the model forward (one model object per thread) give results bit-identical to
+// the same calls made one after another (docs/architecture.md, "Thread safety").
+
+#include <drdiff/cpu/model.hpp>
+#include <drdiff/cuda.cuh>
+#include <drdiff/cuda/model.cuh>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+using namespace drdiff;
+using gpu = drdiff::cuda;
+
+namespace {
+
+template <class Job>
+void four_at_once(Job&& job) {
+  std::atomic<int> ready{0};
+  std::vector<std::thread> pool;
+  for (int i = 0; i < 4; ++i)
+    pool.emplace_back([&, i] {
+      ready.fetch_add(1);
+      while (ready.load() < 4) std::this_thread::yield();
+      job(i);
+    });
+  for (auto& t : pool) t.join();
+}
+
+template <class T>
+T* device_copy(std::vector<T> const& h) {
+  T* p = nullptr;
+  DRDIFF_CUDA_CHECK(cudaMalloc(&p, h.size() * sizeof(T)));
+  DRDIFF_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+template <class T>
+std::vector<T> host_copy(T const* d, std::size_t n) {
+  std::vector<T> h(n);
+  DRDIFF_CUDA_CHECK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+bool same_bits(std::vector<__nv_bfloat16> const& a, std::vector<__nv_bfloat16> const& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(__nv_bfloat16)) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA attention on 4 streams from 4 threads equals sequential calls, bit for bit", "[core][threads][cuda]") {
+  unsigned const seed = std::random_device{}();
+  INFO("seed " << seed);
+  int const n = 5000, heads = 4, dim = 64;  // N above 4,096: the tier with dilation 4 and 64 global tokens
+  std::size_t const elems = std::size_t(n) * heads * dim;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  std::vector<__nv_bfloat16*> q(4), k(4), v(4), o(4);
+  for (int i = 0; i < 4; ++i) {
+    std::vector<__nv_bfloat16> h(elems);
+    for (auto* d : {&q[i], &k[i], &v[i]}) {
+      for (auto& x : h) x = __float2bfloat16(nd(rng));
+      *d = device_copy(h);
+    }
+    o[i] = device_copy(std::vector<__nv_bfloat16>(elems, __float2bfloat16(0.f)));
+  }
+  attn::hsa const policy{};
+  auto run = [&](int i, cudaStream_t st) {
+    context<gpu> ctx{reinterpret_cast<CUstream_st*>(st)};
+    auto a = make_attention_args(q[i], k[i], v[i], o[i], 1, n, heads, dim);
+    std::size_t const bytes = attention_workspace_bytes(ctx, policy, a);
+    void* ws = nullptr;
+    DRDIFF_CUDA_CHECK(cudaMallocAsync(&ws, std::max<std::size_t>(bytes, 1), st));
+    attention(ctx, policy, a, ws, bytes);
+    DRDIFF_CUDA_CHECK(cudaFreeAsync(ws, st));
+    DRDIFF_CUDA_CHECK(cudaStreamSynchronize(st));
+  };
+  std::vector<std::vector<__nv_bfloat16>> seq(4);
+  for (int i = 0; i < 4; ++i) {
+    run(i, nullptr);
+    seq[i] = host_copy(o[i], elems);
+    DRDIFF_CUDA_CHECK(cudaMemset(o[i], 0xff, elems * sizeof(__nv_bfloat16)));  // NaN bits: unwritten shows
+  }
+  four_at_once([&](int i) {
+    cudaStream_t st = nullptr;
+    DRDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    run(i, st);
+    DRDIFF_CUDA_CHECK(cudaStreamDestroy(st));
+  });
+  for (int i = 0; i < 4; ++i) CHECK(same_bits(host_copy(o[i], elems), seq[i]));
+  for (int i = 0; i < 4; ++i)
+    for (auto* p : {q[i], k[i], v[i], o[i]}) cudaFree(p);
+}
+
+TEST_CASE("the CUDA model forward from 4 threads (own stream and model each) equals sequential calls",
+          "[core][threads][model][cuda]") {
+  unsigned const seed = std::random_device{}();
+  INFO("seed " << seed);
+  auto cfg = presets::tiny();
+  cfg.output = prediction::categorical;
+  model<cpu, model_config<>> host(cfg);
+  host.init_random(seed % 1000);
+  int const n = 1500, de = cfg.sizes.embed_dim;
+  std::size_t const sz = std::size_t(n) * de;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  std::vector<float*> xt(4), x0(4);
+  for (int i = 0; i < 4; ++i) {
+    std::vector<float> h(sz);
+    for (auto& x : h) x = nd(rng);
+    xt[i] = device_copy(h);
+    x0[i] = device_copy(std::vector<float>(sz, 0.f));
+  }
+  std::vector<std::vector<float>> seq(4), par(4);
+  {
+    model<gpu, model_config<>> g(cfg, host.weights());
+    for (int i = 0; i < 4; ++i) {
+      g.forward(xt[i], 0.3 + 0.1 * i, x0[i], 1, n);
+      DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
+      seq[i] = host_copy(x0[i], sz);
+    }
+  }
+  four_at_once([&](int i) {
+    cudaStream_t st = nullptr;
+    DRDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    {
+      model<gpu, model_config<>> g(cfg, host.weights(), context<gpu>{reinterpret_cast<CUstream_st*>(st)});
+      g.forward(xt[i], 0.3 + 0.1 * i, x0[i], 1, n);
+      DRDIFF_CUDA_CHECK(cudaStreamSynchronize(st));
+      par[i] = host_copy(x0[i], sz);
+    }
+    DRDIFF_CUDA_CHECK(cudaStreamDestroy(st));
+  });
+  for (int i = 0; i < 4; ++i) CHECK(par[i] == seq[i]);
+  for (int i = 0; i < 4; ++i) {
+    cudaFree(xt[i]);
+    cudaFree(x0[i]);
+  }
+}
