@@ -26,7 +26,7 @@ nvidia-smi -q > "$out/nvidia-smi.txt" 2>&1 || true
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$out/gpu.txt"
 
 # The CUDA test programs and benchmarks (one list for the build, the prebuilt run and the benchmarks).
-tests=(attention.cuda attention.cuda.mma attention.policy.cuda solver.cuda router.cuda anchor.cuda model.cuda)
+tests=(attention.cuda attention.cuda.mma attention.policy.cuda solver.cuda router.cuda anchor.cuda model.cuda concurrency.cuda)
 benches=(attention solver moe round model)
 if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
@@ -40,7 +40,7 @@ status=0
 if [ "$mode" != bench ]; then
 echo "== CUDA tests"
 if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
-  (cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model)') > "$out/ctest_cuda.log" 2>&1 || status=1
+  (cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model|concurrency)') > "$out/ctest_cuda.log" 2>&1 || status=1
   grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 else
   for t in "${tests[@]}"; do
