@@ -221,26 +221,34 @@ int main(int argc, char** argv) {
     std::atomic<int> steps_done{0};
     std::atomic<bool> finished{false};
     std::mutex draw_mutex;
+    bool const on_terminal = isatty(STDERR_FILENO);
     auto draw = [&](bool last) {
       std::lock_guard<std::mutex> lock(draw_mutex);
       int const step = steps_done.load(), steps = cfg.steps;
       double const el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       int const width = 30, done = width * step / steps;
-      std::fprintf(stderr, "\r[%.*s%*s] step %d/%d  elapsed %.1f s", done, "##############################",
-                   width - done, "", step, steps, el);
+      std::fprintf(stderr, "%s[%.*s%*s] step %d/%d  elapsed %.1f s", on_terminal ? "\r" : "", done,
+                   "##############################", width - done, "", step, steps, el);
       if (step > 0) std::fprintf(stderr, "  ETA %.1f s ", el / step * (steps - step));
       else std::fputs("  (first step) ", stderr);
-      if (last) std::fputc('\n', stderr);
+      if (last || !on_terminal) std::fputc('\n', stderr);
       std::fflush(stderr);
     };
     std::thread ticker;
     if (bar) {
       req.progress = [&](int step, int) { steps_done.store(step); };
-      ticker = std::thread([&] {
+      // On a terminal the bar is redrawn every 0.25 s (the elapsed time moves); into a file or a
+      // pipe only when a step ends, so a log holds one line per step, not four per second.
+      bool const tty = on_terminal;
+      ticker = std::thread([&, tty] {
         draw(false);
+        int shown = 0;
         while (!finished.load()) {
           std::this_thread::sleep_for(std::chrono::milliseconds(250));
-          if (!finished.load()) draw(false);
+          if (finished.load()) break;
+          int const now = steps_done.load();
+          if (tty || now != shown) draw(false);
+          shown = now;
         }
       });
     }
