@@ -118,7 +118,7 @@ int main(int argc, char** argv) {
     if (!o.solver.empty()) cfg.solver.order = o.solver == "ddim" ? 1 : o.solver == "2m" ? 2 : 3;
     char const* solver_name[] = {"", "ddim", "2m", "3m"};
     cfg.guidance = o.guidance;
-    if (o.guidance) cfg.guidance_schedule.lambda_min = 1.5;
+    if (o.guidance) cfg.guidance_schedule.lambda_min = o.guidance_lambda;
     byte_tokenizer bytes;
     vocab_tokenizer vocab;
 #if defined(DRDIFF_HAS_SENTENCEPIECE)
