@@ -15,6 +15,7 @@
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/model/directory.hpp>
 #include <drdiff/model/tokenizer.hpp>
+#include <drdiff/model/vocab_tokenizer.hpp>
 #if defined(DRDIFF_HAS_SENTENCEPIECE)
 #include <drdiff/model/sentencepiece.hpp>
 #endif
@@ -48,7 +49,9 @@ options parse(int argc, char** argv) {
   CLI::App app{"drdiff-generate: text generation with a DrDiff model (docs/model.md)", "drdiff-generate"};
   examples::generate::add_options(app, o);
   examples::parse_or_exit(app, argc, argv);
-  std::string const bad = examples::generate::conflicts(o);
+  std::string bad = examples::generate::conflicts(o);
+  if (bad.empty() && !o.model.empty() && app.count("--preset") > 0)
+    bad = "--model DIR has its own sizes: drop --preset";
   if (!bad.empty()) {
     std::fprintf(stderr, "drdiff-generate: %s\n", bad.c_str());
     std::exit(2);
@@ -198,8 +201,16 @@ int main(int argc, char** argv) {
                                          6.0 * sz.embed_dim + 4.0 * sz.heads);
     double const logits = cfg.output == prediction::categorical ? 4.0 * workers * 64.0 * sz.vocab : 0.0;
     double const need = weights_bytes + act + logits;
-    long const pages = ::sysconf(_SC_AVPHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
-    double const avail = pages > 0 && page > 0 ? double(pages) * double(page) : 0.0;
+    // What is still to be allocated (the weights are loaded by now) against the kernel's MemAvailable
+    // (free memory plus reclaimable cache; not sysconf's free pages, which leave the cache out).
+    double const to_come = act + logits;
+    double avail = 0.0;
+    if (std::FILE* mi = std::fopen("/proc/meminfo", "r")) {
+      char line[256];
+      while (std::fgets(line, sizeof line, mi))
+        if (std::strncmp(line, "MemAvailable:", 13) == 0) avail = std::strtod(line + 13, nullptr) * 1024.0;
+      std::fclose(mi);
+    }
     std::string const what = o.model.empty() ? "preset " + o.preset + (o.weights.empty() ? " (random weights)" : "")
                                              : "model " + o.model;
     std::fprintf(stderr,
@@ -211,9 +222,9 @@ int main(int argc, char** argv) {
                  cfg.router.k, sz.vocab, tier, (long long)N, tier_text.c_str(), need / 1e6, weights_bytes / 1e6,
                  avail > 0 ? (", " + std::to_string(long(avail / 1e6)) + " MB available").c_str() : "");
     std::fflush(stderr);
-    DRDIFF_CHECK(o.backend != "cpu" || avail <= 0 || need <= avail, "drdiff-generate: this request needs about ",
-                 long(need / 1e6), " MB of memory but ", long(avail / 1e6),
-                 " MB are available: ask for fewer tokens (--length) or free memory");
+    DRDIFF_CHECK(o.backend != "cpu" || avail <= 0 || to_come <= avail, "drdiff-generate: this request needs about ",
+                 long(to_come / 1e6), " MB more memory (", long(need / 1e6), " MB in all, the weights included) but ",
+                 long(avail / 1e6), " MB are available: ask for fewer tokens (--length) or free memory");
     // The progress bar: redrawn every 0.25 s from the start (elapsed time), with the step count the
     // sampler reports after each step.
     bool const bar = o.progress || isatty(STDERR_FILENO);
@@ -292,7 +303,10 @@ int main(int argc, char** argv) {
                    "includes allocations and cuBLAS warm-up; --timing for the component split)\n",
                    int(r.tokens.size()), r.seconds, r.tokens.size() / r.seconds, r.evaluations);
   } catch (drdiff::error const& e) {
-    std::fprintf(stderr, "%s\n", e.what());
+    std::fprintf(stderr, "\n%s\n", e.what());
+    return 1;
+  } catch (std::exception const& e) {  // e.g. std::bad_alloc: said, not std::terminate
+    std::fprintf(stderr, "\ndrdiff-generate: %s\n", e.what());
     return 1;
   }
   return 0;

@@ -56,7 +56,10 @@ TEST_CASE("attention from 4 threads at once equals 4 sequential calls, bit for b
     seq[i] = probs[i].o;
     seq_lse[i] = probs[i].lse;
   }
-  for (auto& p : probs) std::fill(p.o.begin(), p.o.end(), std::nanf(""));
+  for (auto& p : probs) {
+    std::fill(p.o.begin(), p.o.end(), std::nanf(""));
+    std::fill(p.lse.begin(), p.lse.end(), std::nanf(""));
+  }
   four_at_once([&](int i) {
     auto a = probs[i].args();
     std::vector<unsigned char> ws(attention_workspace_bytes(context<cpu>{2}, policy, a));

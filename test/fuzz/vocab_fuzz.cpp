@@ -2,7 +2,7 @@
 // then encodes and decodes its own first bytes) or throws drdiff::error. Built and run by
 // scripts/fuzz.sh.
 
-#include <drdiff/model/tokenizer.hpp>
+#include <drdiff/model/vocab_tokenizer.hpp>
 
 #include <cstddef>
 #include <cstdint>

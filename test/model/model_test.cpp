@@ -8,6 +8,7 @@
 
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/model/tokenizer.hpp>
+#include <drdiff/model/vocab_tokenizer.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -267,7 +268,10 @@ TEST_CASE("model weights round-trip through safetensors; bad files name the tens
                       Contains("tensor 'blocks.1.attn.out.weight' element 17 = inf is not finite"));
     bad.tensor("blocks.1.attn.out.weight")[17] = std::nanf("");
     bad.save(dir + ".nan.safetensors", type);
+    auto const before = b.tensor("blocks.0.norm1.weight");
     CHECK_THROWS_WITH(b.load(dir + ".nan.safetensors"), Contains("element 17 = nan is not finite"));
+    CHECK(b.tensor("blocks.0.norm1.weight") == before);  // a refused file leaves the weights as they were
+    CHECK(std::isfinite(b.tensor("blocks.1.attn.out.weight")[17]));
   }
   for (char const* ext : {".f32", ".bf16", ".one", ".three", ".wide", ".nan"})
     std::remove((dir + ext + ".safetensors").c_str());

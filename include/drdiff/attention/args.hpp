@@ -142,6 +142,8 @@ void validate(attention_args<T> const& a, bool host_lens = true) {
                       detail::byte_span<T>(a.k, a.k_strides, a.batch, a.seq, a.heads, a.head_dim),
                       detail::byte_span<T>(a.v, a.v_strides, a.batch, a.seq, a.heads, a.head_dim)};
   char const* const in_names[3] = {"q", "k", "v"};
+  DRDIFF_CHECK(o.second >= o.first, "attention: o spans more bytes than the address space holds for batch = ",
+               a.batch, ", seq = ", a.seq, ", heads = ", a.heads, ", head_dim = ", a.head_dim);
   for (int x = 0; x < 3; ++x) {
     DRDIFF_CHECK(in[x].second >= in[x].first, "attention: ", in_names[x], " spans more bytes than the address space "
                  "holds for batch = ", a.batch, ", seq = ", a.seq, ", heads = ", a.heads, ", head_dim = ", a.head_dim);
@@ -156,6 +158,7 @@ void validate(attention_args<T> const& a, bool host_lens = true) {
   if (a.maybe_lse) {
     auto const l0 = reinterpret_cast<std::uintptr_t>(a.maybe_lse);
     span const l{l0, l0 + std::uint64_t(a.batch) * a.heads * a.seq * sizeof(*a.maybe_lse)};
+    DRDIFF_CHECK(l.second >= l.first, "attention: maybe_lse spans more bytes than the address space holds");
     DRDIFF_CHECK(!detail::overlaps(o, l), "attention: maybe_lse overlaps o");
     for (int x = 0; x < 3; ++x)
       DRDIFF_CHECK(!detail::overlaps(l, in[x]), "attention: maybe_lse overlaps ", in_names[x]);

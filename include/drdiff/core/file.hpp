@@ -4,7 +4,7 @@
 /// a path that is not a regular readable file — a directory, a FIFO, a device, a socket, a missing
 /// or unreadable file — is a drdiff::error naming the path, checked before any read, so that no read
 /// blocks on a FIFO and no size is taken of a directory. Writing goes through a temporary file and a
-/// rename, so a failed save never leaves a truncated file. POSIX (stat, open, mkstemp, rename).
+/// rename, so a failed save never leaves a truncated file. POSIX (stat, open, fsync, rename).
 
 #include <drdiff/core/error.hpp>
 
@@ -12,63 +12,107 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <new>
 #include <string>
 #include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
 namespace detail {
 
+/// What a file of mode `mode` is, in words, when it is not a regular file ("" when it is one).
+inline std::string kind_reason(mode_t mode) {
+  if (S_ISDIR(mode)) return "it is a directory, not a file";
+  if (S_ISFIFO(mode)) return "it is a FIFO (named pipe), not a regular file";
+  if (S_ISCHR(mode) || S_ISBLK(mode)) return "it is a device, not a regular file";
+  if (S_ISSOCK(mode)) return "it is a socket, not a regular file";
+  if (!S_ISREG(mode)) return "it is not a regular file";
+  return "";
+}
+
 /// What `path` is, in words, when it is not a regular file ("" when it is one).
 inline std::string not_regular_reason(std::string const& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return std::strerror(errno);
-  if (S_ISDIR(st.st_mode)) return "it is a directory, not a file";
-  if (S_ISFIFO(st.st_mode)) return "it is a FIFO (named pipe), not a regular file";
-  if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) return "it is a device, not a regular file";
-  if (S_ISSOCK(st.st_mode)) return "it is a socket, not a regular file";
-  if (!S_ISREG(st.st_mode)) return "it is not a regular file";
-  return "";
+  return kind_reason(st.st_mode);
+}
+
+/// Opens `path` for reading as a regular file: O_NONBLOCK (a FIFO put in its place cannot block the
+/// open) and O_CLOEXEC, then fstat on the descriptor itself, so nothing can change between the check
+/// and the read. Returns the descriptor; throws with `who`, the path and the reason.
+inline int open_regular_file(std::string const& path, char const* who, struct stat* st) {
+  DRDIFF_CHECK(!path.empty(), who, ": the file name is empty");
+  int const fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  DRDIFF_CHECK(fd >= 0, who, ": cannot open '", path, "': ", std::strerror(errno));
+  std::string why;
+  if (::fstat(fd, st) != 0) why = std::strerror(errno);
+  else why = kind_reason(st->st_mode);
+  if (!why.empty()) {
+    ::close(fd);
+    DRDIFF_FAIL(who, ": cannot open '", path, "': ", why);
+  }
+  return fd;
 }
 
 /// Throws unless `path` is a regular file that can be opened for reading; `who` prefixes the message.
 inline void check_regular_file(std::string const& path, char const* who) {
-  DRDIFF_CHECK(!path.empty(), who, ": the file name is empty");
-  std::string const why = not_regular_reason(path);
-  DRDIFF_CHECK(why.empty(), who, ": cannot open '", path, "': ", why);
-  std::ifstream in(path, std::ios::binary);
-  DRDIFF_CHECK(in.good(), who, ": cannot open '", path, "' for reading: ", std::strerror(errno));
+  struct stat st {};
+  ::close(open_regular_file(path, who, &st));
 }
 
 /// The whole of a regular file, with at most `limit` bytes (a larger file is refused by name).
 inline std::vector<std::uint8_t> read_regular_file(std::string const& path, char const* who,
                                                    std::uint64_t limit = std::uint64_t(1) << 40) {
-  check_regular_file(path, who);
-  std::ifstream in(path, std::ios::binary);
-  in.seekg(0, std::ios::end);
-  std::streamoff const size = in.tellg();
-  DRDIFF_CHECK(size >= 0, who, ": cannot size '", path, "'");
-  DRDIFF_CHECK(std::uint64_t(size) <= limit, who, ": '", path, "' is ", size, " bytes, above the limit of ", limit);
-  in.seekg(0, std::ios::beg);
-  std::vector<std::uint8_t> b(static_cast<std::size_t>(size));
-  if (size > 0) in.read(reinterpret_cast<char*>(b.data()), size);
-  DRDIFF_CHECK(in.good() || size == 0, who, ": cannot read '", path, "'");
+  struct stat st {};
+  int const fd = open_regular_file(path, who, &st);
+  std::uint64_t const size = std::uint64_t(st.st_size);
+  if (size > limit) {
+    ::close(fd);
+    DRDIFF_FAIL(who, ": '", path, "' is ", size, " bytes, above the limit of ", limit);
+  }
+  std::vector<std::uint8_t> b;
+  try {
+    b.resize(static_cast<std::size_t>(size));
+  } catch (std::bad_alloc const&) {
+    ::close(fd);
+    DRDIFF_FAIL(who, ": '", path, "' is ", size, " bytes: not enough memory to read it");
+  }
+  std::size_t done = 0;
+  while (done < b.size()) {
+    ssize_t const r = ::read(fd, b.data() + done, b.size() - done);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      int const e = errno;
+      ::close(fd);
+      DRDIFF_FAIL(who, ": cannot read '", path, "': ", r == 0 ? "it is shorter than its size" : std::strerror(e));
+    }
+    done += std::size_t(r);
+  }
+  ::close(fd);
   return b;
 }
 
 /// Writes `bytes` to `path` so that an interrupted or failed write never leaves a truncated file
-/// there: the bytes go to a temporary file in the same folder (mkstemp), which is flushed (fsync) and
+/// there: the bytes go to a temporary file in the same folder, which is flushed (fsync) and
 /// then renamed over `path`; on any failure the temporary file is removed and the error names the path.
+/// A symbolic link at `path` is replaced by the file, not written through.
 inline void write_file_atomically(std::string const& path, std::uint8_t const* bytes, std::size_t n,
                                   char const* who) {
   DRDIFF_CHECK(!path.empty(), who, ": the file name is empty");
-  std::string tmpl = path + ".tmp-XXXXXX";
-  int const fd = ::mkstemp(&tmpl[0]);
+  // A fresh name next to the target, created with 0666 so that the umask applies as for any new file.
+  static std::atomic<unsigned> counter{0};
+  std::string tmp;
+  int fd = -1;
+  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+    tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter.fetch_add(1));
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) break;
+  }
   DRDIFF_CHECK(fd >= 0, who, ": cannot create a temporary file next to '", path, "': ", std::strerror(errno));
-  std::string const tmp = tmpl;
   auto fail = [&](char const* what) {
     int const e = errno;
     ::close(fd);
@@ -79,11 +123,15 @@ inline void write_file_atomically(std::string const& path, std::uint8_t const* b
   while (done < n) {
     ssize_t const w = ::write(fd, bytes + done, n - done);
     if (w < 0 && errno == EINTR) continue;
+    if (w == 0) errno = EIO;
     if (w <= 0) fail("writing");
     done += std::size_t(w);
   }
   if (::fsync(fd) != 0) fail("flushing");
-  ::fchmod(fd, 0644);
+  // The file keeps the mode of the one it replaces (a new one has 0666 less the umask, from open).
+  struct stat old {};
+  if (::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode) && ::fchmod(fd, old.st_mode & 07777) != 0)
+    fail("setting the mode of");
   if (::close(fd) != 0) {
     int const e = errno;
     ::unlink(tmp.c_str());

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include <climits>
+#include <cmath>
 #include <initializer_list>
 #include <string>
 
@@ -100,6 +101,8 @@ struct model_directory {
   static int integer(json const& o, char const* key, char const* where, long long lo, long long hi) {
     json const& v = need(o, key, where);
     DRDIFF_CHECK(v.is_number_integer(), "config.json: ", where, ".", key, " must be an integer, got ", v.dump());
+    DRDIFF_CHECK(!v.is_number_unsigned() || v.get<unsigned long long>() <= (unsigned long long)hi, "config.json: ",
+                 where, ".", key, " = ", v.dump(), " is outside ", lo, "..", hi);
     long long const x = v.get<long long>();
     DRDIFF_CHECK(x >= lo && x <= hi, "config.json: ", where, ".", key, " = ", x, " is outside ", lo, "..", hi);
     return int(x);
@@ -153,8 +156,10 @@ struct model_directory {
     DRDIFF_CHECK(act == "gelu" || act == "swiglu", "config.json: activation = '", act, "' is not gelu or swiglu");
     c.activation = act == "gelu" ? ffn_activation::gelu : ffn_activation::swiglu;
     c.rope_base = number(j, "rope_base", "the top level");
-    c.norm_eps = float(number(j, "norm_eps", "the top level"));
-    DRDIFF_CHECK(c.norm_eps > 0.f, "config.json: norm_eps = ", c.norm_eps, " must be > 0");
+    double const eps = number(j, "norm_eps", "the top level");
+    c.norm_eps = float(eps);
+    DRDIFF_CHECK(std::isfinite(c.norm_eps) && c.norm_eps > 0.f, "config.json: norm_eps = ", eps,
+                 " must be > 0 and finite as a float");
     std::string const pred = text(j, "prediction", "the top level");
     DRDIFF_CHECK(pred == "embedding" || pred == "categorical", "config.json: prediction = '", pred,
                  "' is not embedding or categorical");

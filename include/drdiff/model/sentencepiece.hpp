@@ -32,16 +32,19 @@ class sentencepiece_tokenizer {
   int vocab() const noexcept { return sp_ ? sp_->GetPieceSize() : 0; }
   /// The id of a piece, or -1 when the vocabulary does not hold it.
   int piece_id(std::string const& piece) const {
+    loaded();
     int const id = sp_->PieceToId(piece);
     return id == sp_->unk_id() && piece != sp_->IdToPiece(sp_->unk_id()) ? -1 : id;
   }
   std::vector<int> encode(std::string const& text) const {
+    loaded();
     std::vector<int> ids;
     auto const st = sp_->Encode(text, &ids);
     DRDIFF_CHECK(st.ok(), "sentencepiece_tokenizer: cannot encode the text: ", st.ToString());
     return ids;
   }
   std::string decode(std::vector<int> const& ids) const {
+    loaded();
     for (std::size_t i = 0; i < ids.size(); ++i)
       DRDIFF_CHECK(ids[i] >= 0 && ids[i] < vocab(), "sentencepiece_tokenizer: token ", i, " = ", ids[i],
                    " is outside the vocabulary 0..", vocab() - 1);
@@ -53,6 +56,9 @@ class sentencepiece_tokenizer {
 
  private:
   std::shared_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  void loaded() const {
+    DRDIFF_CHECK(sp_ != nullptr, "sentencepiece_tokenizer: no model loaded (use sentencepiece_tokenizer::from_file)");
+  }
 };
 
 DRDIFF_NAMESPACE_END

@@ -49,15 +49,19 @@ class model_weights {
     for (auto const& t : f.tensors())
       DRDIFF_CHECK(index_.count(t.name) != 0, "model: the weights hold tensor '", t.name,
                    "', which this configuration does not have");
+    // Read and check everything into new buffers first: a refused file leaves the weights as they were.
+    std::vector<std::vector<float>> fresh(specs_.size());
     for (std::size_t i = 0; i < specs_.size(); ++i) {
-      f.read(specs_[i].name, specs_[i].shape, data_[i].data());
+      fresh[i].resize(data_[i].size());
+      f.read(specs_[i].name, specs_[i].shape, fresh[i].data());
       // Weights are untrusted input: a NaN or an infinity would only show up, if at all, as NaN
       // text much later. Refuse it here, naming the tensor and the element.
-      auto const& d = data_[i];
+      auto const& d = fresh[i];
       for (std::size_t j = 0; j < d.size(); ++j)
         DRDIFF_CHECK(std::isfinite(d[j]), "model: tensor '", specs_[i].name, "' element ", j, " = ", d[j],
                      " is not finite");
     }
+    data_.swap(fresh);
   }
   void load(std::string const& path) { load(safetensors::file::open(path)); }
   /// Writes every tensor (F32 is bit-exact; F16/BF16 round to nearest even).
