@@ -35,6 +35,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -57,6 +59,34 @@ options parse(int argc, char** argv) {
     std::exit(2);
   }
   return o;
+}
+
+/// The tokenizer a run uses, chosen once: bytes (no file), a JSON vocabulary, or SentencePiece.
+struct codec {
+  std::function<std::vector<int>(std::string const&)> encode;
+  std::function<std::string(std::vector<int> const&)> decode;
+  int vocab = 256;
+};
+
+codec make_codec(std::string const& kind, std::string const& path) {
+  if (kind == "vocab-json") {
+    auto v = std::make_shared<vocab_tokenizer>(vocab_tokenizer::from_file(path));
+    return {[v](std::string const& t) { return v->encode(t); },
+            [v](std::vector<int> const& ids) { return v->decode(ids); }, v->vocab()};
+  }
+  if (kind == "sentencepiece") {
+#if defined(DRDIFF_HAS_SENTENCEPIECE)
+    auto s = std::make_shared<sentencepiece_tokenizer>(sentencepiece_tokenizer::from_file(path));
+    return {[s](std::string const& t) { return s->encode(t); },
+            [s](std::vector<int> const& ids) { return s->decode(ids); }, s->vocab()};
+#else
+    DRDIFF_FAIL("drdiff-generate: ", path, " is a SentencePiece tokenizer, but this build has no SentencePiece "
+                "(install libsentencepiece-dev, e.g. with scripts/install_deps.sh, and rebuild)");
+#endif
+  }
+  byte_tokenizer const b;
+  return {[b](std::string const& t) { return b.encode(t); },
+          [b](std::vector<int> const& ids) { return b.decode(ids); }, b.vocab()};
 }
 
 /// The text as it can be shown on a terminal: valid UTF-8, newlines and tabs as they are; other
@@ -122,34 +152,8 @@ int main(int argc, char** argv) {
     char const* solver_name[] = {"", "ddim", "2m", "3m"};
     cfg.guidance = o.guidance;
     if (o.guidance) cfg.guidance_schedule.lambda_min = o.guidance_lambda;
-    byte_tokenizer bytes;
-    vocab_tokenizer vocab;
-#if defined(DRDIFF_HAS_SENTENCEPIECE)
-    sentencepiece_tokenizer spm;
-#endif
-    if (tokenizer_kind == "vocab-json") {
-      vocab = vocab_tokenizer::from_file(o.model.empty() ? o.vocab : dir.tokenizer_path());
-      if (o.model.empty()) cfg.sizes.vocab = vocab.vocab();
-    } else if (tokenizer_kind == "sentencepiece") {
-#if defined(DRDIFF_HAS_SENTENCEPIECE)
-      spm = sentencepiece_tokenizer::from_file(dir.tokenizer_path());
-#else
-      DRDIFF_FAIL("drdiff-generate: ", o.model, " has a SentencePiece tokenizer, but this build has no SentencePiece "
-                  "(install libsentencepiece-dev, e.g. with scripts/install_deps.sh, and rebuild)");
-#endif
-    }
-    auto encode = [&](std::string const& t) {
-#if defined(DRDIFF_HAS_SENTENCEPIECE)
-      if (tokenizer_kind == "sentencepiece") return spm.encode(t);
-#endif
-      return tokenizer_kind == "vocab-json" ? vocab.encode(t) : bytes.encode(t);
-    };
-    auto decode = [&](std::vector<int> const& ids) {
-#if defined(DRDIFF_HAS_SENTENCEPIECE)
-      if (tokenizer_kind == "sentencepiece") return spm.decode(ids);
-#endif
-      return tokenizer_kind == "vocab-json" ? vocab.decode(ids) : bytes.decode(ids);
-    };
+    codec const tok = make_codec(tokenizer_kind, o.model.empty() ? o.vocab : dir.tokenizer_path());
+    if (o.model.empty()) cfg.sizes.vocab = tok.vocab;
     if (o.list) {
       for (auto const& p : parameter_specs(cfg.sizes, cfg.activation)) {
         std::string shape;
@@ -161,14 +165,9 @@ int main(int argc, char** argv) {
     model<cpu, model_config<>> m(cfg);
     if (!o.model.empty()) {
       dir.load_into(m);
-      DRDIFF_CHECK(tokenizer_kind != "vocab-json" || vocab.vocab() == cfg.sizes.vocab, "drdiff-generate: ",
-                   dir.tokenizer_path(), " has ", vocab.vocab(), " tokens but config.json says sizes.vocab = ",
+      DRDIFF_CHECK(tok.vocab == cfg.sizes.vocab, "drdiff-generate: the ", tokenizer_kind, " tokenizer ",
+                   dir.tokenizer_path(), " has ", tok.vocab, " tokens but config.json says sizes.vocab = ",
                    cfg.sizes.vocab);
-#if defined(DRDIFF_HAS_SENTENCEPIECE)
-      DRDIFF_CHECK(tokenizer_kind != "sentencepiece" || spm.vocab() == cfg.sizes.vocab, "drdiff-generate: ",
-                   dir.tokenizer_path(), " has ", spm.vocab(), " pieces but config.json says sizes.vocab = ",
-                   cfg.sizes.vocab);
-#endif
     } else if (o.weights.empty()) {
       m.init_random(o.seed);
     } else {
@@ -176,7 +175,7 @@ int main(int argc, char** argv) {
     }
     if (!o.save.empty()) m.save(o.save);
     generation_request req;
-    req.prompt = encode(o.prompt);
+    req.prompt = tok.encode(o.prompt);
     req.length = o.length;
     DRDIFF_CHECK(req.prompt.size() + std::size_t(o.length) <= (std::size_t(1) << 20), "drdiff-generate: the prompt's ",
                  req.prompt.size(), " tokens and --length ", o.length, " make more than 1048576 tokens");
@@ -195,8 +194,7 @@ int main(int argc, char** argv) {
     // solver's state and history, and the categorical prediction's logits per worker.
     double weights_bytes = 0;
     for (auto const& p : parameter_specs(sz, cfg.activation)) weights_bytes += 4.0 * double(p.elements());
-    int const workers = std::max(1, o.threads > 0 ? std::min(o.threads, int(std::thread::hardware_concurrency()))
-                                                  : int(std::thread::hardware_concurrency()));
+    int const workers = detail::resolve_threads(o.threads);
     double const act = 4.0 * double(N) * (7.0 * sz.d_model + 2.0 * (cfg.router.k + sz.shared_experts) * sz.d_ff +
                                          6.0 * sz.embed_dim + 4.0 * sz.heads);
     double const logits = cfg.output == prediction::categorical ? 4.0 * workers * 64.0 * sz.vocab : 0.0;
@@ -286,7 +284,7 @@ int main(int argc, char** argv) {
       if (ticker.joinable()) ticker.join();
       draw(true);
     }
-    std::string const text = (o.echo ? o.prompt : std::string()) + decode(r.tokens);
+    std::string const text = (o.echo ? o.prompt : std::string()) + tok.decode(r.tokens);
     std::fputs((o.raw ? text : printable(text)).c_str(), stdout);
     std::fputc('\n', stdout);
     std::fflush(stdout);  // the text before the statistics on stderr

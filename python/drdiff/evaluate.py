@@ -82,7 +82,7 @@ def diffusion_ce(model: DrDiff, ids: torch.Tensor, t: float, device, seed: int, 
         eps = torch.randn(x0.shape, device=device, generator=g)
         xt = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            _, lg, _ = model(xt, torch.full((1,), t, device=device))
+            _, lg, _ = model(xt, torch.full((1,), t, device=device), want_x0=False)
         out.append(F.cross_entropy(lg[0].float(), x[0], reduction="none")[new:])
     return torch.cat(out)
 

@@ -383,17 +383,19 @@ class DrDiff(nn.Module):
         out = self.down(self.norm(h))
         return out, {"balance": balance / len(self.blocks), "z": z / len(self.blocks), "load": torch.stack(loads)}
 
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        return z.float() @ self.table().t()
+    def logits(self, z: torch.Tensor, table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return z.float() @ (self.table() if table is None else table).t()
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask=None, backend: str = "flex"):
-        """Denoiser: x_t [B, N, de], t [B] -> (x0 [B, N, de], logits [B, N, V] or None, aux).
-        `mask`: a prebuilt FlexAttention BlockMask for this length (pass it under torch.compile)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask=None, backend: str = "flex", want_x0: bool = True):
+        """Denoiser: x_t [B, N, de], t [B] -> (x0 [B, N, de] or None, logits [B, N, V] or None, aux).
+        `mask`: a prebuilt FlexAttention BlockMask for this length (pass it under torch.compile).
+        `want_x0=False` skips softmax(logits)·E, which the training loss does not use."""
         attend = self.attend_fn(x_t.shape[1], x_t.device, backend, mask)
         z, aux = self.trunk(x_t, t, attend)
         if self.cfg.prediction == "categorical":
-            lg = self.logits(z)
-            return lg.softmax(-1) @ self.table(), lg, aux
+            table = self.table()
+            lg = self.logits(z, table)
+            return (lg.softmax(-1) @ table if want_x0 else None), lg, aux
         return z.float(), None, aux
 
     def ar_logits(self, ids: torch.Tensor, mask=None, backend: str = "flex"):

@@ -137,7 +137,7 @@ def denoise_loss(model: DrDiff, xt: torch.Tensor, t: torch.Tensor, ids: torch.Te
     B, N = ids.shape
     backend = "sdpa" if isinstance(mask, str) else "flex"
     with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=xt.device.type == "cuda"):
-        _, logits, aux = model(xt, t, None if backend == "sdpa" else mask, backend)
+        _, logits, aux = model(xt, t, None if backend == "sdpa" else mask, backend, want_x0=False)
     ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1), reduction="none").view(B, N)
     w = target.float()
     aux["seq_loss"] = ((ce * w).sum(1) / w.sum(1).clamp_min(1)).detach()  # per sequence, for TimeWarp

@@ -2,6 +2,8 @@
 // the HSA tiers) and the model forward (one model object per thread) give results bit-identical to
 // the same calls made one after another (docs/architecture.md, "Thread safety").
 
+#include "../support/threads.hpp"
+
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/cuda.cuh>
 #include <drdiff/cuda/model.cuh>
@@ -20,18 +22,6 @@ using gpu = drdiff::cuda;
 
 namespace {
 
-template <class Job>
-void four_at_once(Job&& job) {
-  std::atomic<int> ready{0};
-  std::vector<std::thread> pool;
-  for (int i = 0; i < 4; ++i)
-    pool.emplace_back([&, i] {
-      ready.fetch_add(1);
-      while (ready.load() < 4) std::this_thread::yield();
-      job(i);
-    });
-  for (auto& t : pool) t.join();
-}
 
 template <class T>
 T* device_copy(std::vector<T> const& h) {
@@ -87,7 +77,7 @@ TEST_CASE("CUDA attention on 4 streams from 4 threads equals sequential calls, b
     seq[i] = host_copy(o[i], elems);
     DRDIFF_CUDA_CHECK(cudaMemset(o[i], 0xff, elems * sizeof(__nv_bfloat16)));  // NaN bits: unwritten shows
   }
-  four_at_once([&](int i) {
+  test::four_at_once([&](int i) {
     cudaStream_t st = nullptr;
     DRDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     run(i, st);
@@ -126,7 +116,7 @@ TEST_CASE("the CUDA model forward from 4 threads (own stream and model each) equ
       seq[i] = host_copy(x0[i], sz);
     }
   }
-  four_at_once([&](int i) {
+  test::four_at_once([&](int i) {
     cudaStream_t st = nullptr;
     DRDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     {

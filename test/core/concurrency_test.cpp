@@ -4,6 +4,7 @@
 // "Thread safety").
 
 #include "../support/drdiff_test.hpp"
+#include "../support/threads.hpp"
 
 #include <drdiff/cpu/model.hpp>
 
@@ -19,19 +20,6 @@ using namespace drdiff;
 
 namespace {
 
-/// Runs job(i) for i < 4 on 4 threads at once (released together), then returns.
-template <class Job>
-void four_at_once(Job&& job) {
-  std::atomic<int> ready{0};
-  std::vector<std::thread> pool;
-  for (int i = 0; i < 4; ++i)
-    pool.emplace_back([&, i] {
-      ready.fetch_add(1);
-      while (ready.load() < 4) std::this_thread::yield();
-      job(i);
-    });
-  for (auto& t : pool) t.join();
-}
 
 std::vector<float> normals(std::size_t n, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -60,7 +48,7 @@ TEST_CASE("attention from 4 threads at once equals 4 sequential calls, bit for b
     std::fill(p.o.begin(), p.o.end(), std::nanf(""));
     std::fill(p.lse.begin(), p.lse.end(), std::nanf(""));
   }
-  four_at_once([&](int i) {
+  test::four_at_once([&](int i) {
     auto a = probs[i].args();
     std::vector<unsigned char> ws(attention_workspace_bytes(context<cpu>{2}, policy, a));
     attention(context<cpu>{2}, policy, a, ws.data(), ws.size());
@@ -88,7 +76,7 @@ TEST_CASE("the routed MoE from 4 threads at once equals 4 sequential calls, bit 
     router::moe_forward(context<cpu>{2}, router::top_k{2, true}, a);
   };
   for (int i = 0; i < 4; ++i) run(i, out_seq[i]);
-  four_at_once([&](int i) { run(i, out_par[i]); });
+  test::four_at_once([&](int i) { run(i, out_par[i]); });
   for (int i = 0; i < 4; ++i) CHECK(out_par[i] == out_seq[i]);
 }
 
@@ -110,7 +98,7 @@ TEST_CASE("the model forward from 4 threads at once (one model object each) equa
     seq[i].resize(xt[i].size());
     models[i]->forward(context<cpu>{2}, xt[i].data(), 0.3 + 0.1 * i, seq[i].data(), 1, n);
   }
-  four_at_once([&](int i) {
+  test::four_at_once([&](int i) {
     par[i].assign(xt[i].size(), std::nanf(""));
     models[i]->forward(context<cpu>{2}, xt[i].data(), 0.3 + 0.1 * i, par[i].data(), 1, n);
   });

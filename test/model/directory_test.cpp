@@ -215,7 +215,8 @@ TEST_CASE("the categorical data prediction is softmax(z·Eᵀ)·E, and a NaN in 
   xt[5 * de + 3] = std::nanf("");
   CHECK_THROWS_WITH(cat.forward(context<cpu>{}, xt.data(), 0.4, x0.data(), 1, n), Contains("is not finite"));
   z[7 * de + 2] = std::nanf("");
-  detail::categorical_rows(context<cpu>{}, z.data(), n, de, E.data(), V);
+  std::vector<float> scratch(std::size_t(detail::resolve_threads(0)) * detail::categorical_chunk * V);
+  detail::categorical_rows(context<cpu>{}, z.data(), n, de, E.data(), V, scratch.data());
   for (int k = 0; k < de; ++k) CHECK(std::isnan(z[7 * de + k]));
   CHECK(std::isfinite(z[6 * de]));
 }

@@ -16,7 +16,6 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <new>
 #include <string>
 #include <vector>
@@ -41,58 +40,71 @@ inline std::string not_regular_reason(std::string const& path) {
   return kind_reason(st.st_mode);
 }
 
+/// A file descriptor closed when it goes out of scope (every error path of the functions below).
+class unique_fd {
+ public:
+  explicit unique_fd(int fd) noexcept : fd_(fd) {}
+  unique_fd(unique_fd&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+  unique_fd(unique_fd const&) = delete;
+  unique_fd& operator=(unique_fd const&) = delete;
+  ~unique_fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const noexcept { return fd_; }
+  /// Closes now and reports whether close succeeded (errno says why not).
+  bool close() noexcept {
+    int const fd = fd_;
+    fd_ = -1;
+    return fd < 0 || ::close(fd) == 0;
+  }
+
+ private:
+  int fd_;
+};
+
 /// Opens `path` for reading as a regular file: O_NONBLOCK (a FIFO put in its place cannot block the
 /// open) and O_CLOEXEC, then fstat on the descriptor itself, so nothing can change between the check
-/// and the read. Returns the descriptor; throws with `who`, the path and the reason.
-inline int open_regular_file(std::string const& path, char const* who, struct stat* st) {
+/// and the read. Throws with `who`, the path and the reason.
+inline unique_fd open_regular_file(std::string const& path, char const* who, struct stat* st) {
   DRDIFF_CHECK(!path.empty(), who, ": the file name is empty");
-  int const fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  DRDIFF_CHECK(fd >= 0, who, ": cannot open '", path, "': ", std::strerror(errno));
-  std::string why;
-  if (::fstat(fd, st) != 0) why = std::strerror(errno);
-  else why = kind_reason(st->st_mode);
-  if (!why.empty()) {
-    ::close(fd);
-    DRDIFF_FAIL(who, ": cannot open '", path, "': ", why);
-  }
+  unique_fd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+  DRDIFF_CHECK(fd.get() >= 0, who, ": cannot open '", path, "': ", std::strerror(errno));
+  std::string const why = ::fstat(fd.get(), st) != 0 ? std::strerror(errno) : kind_reason(st->st_mode);
+  DRDIFF_CHECK(why.empty(), who, ": cannot open '", path, "': ", why);
   return fd;
 }
 
 /// Throws unless `path` is a regular file that can be opened for reading; `who` prefixes the message.
 inline void check_regular_file(std::string const& path, char const* who) {
   struct stat st {};
-  ::close(open_regular_file(path, who, &st));
+  open_regular_file(path, who, &st);
+}
+
+/// True when `path` is a directory.
+inline bool is_directory(std::string const& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
 /// The whole of a regular file, with at most `limit` bytes (a larger file is refused by name).
 inline std::vector<std::uint8_t> read_regular_file(std::string const& path, char const* who,
                                                    std::uint64_t limit = std::uint64_t(1) << 40) {
   struct stat st {};
-  int const fd = open_regular_file(path, who, &st);
+  unique_fd const fd = open_regular_file(path, who, &st);
   std::uint64_t const size = std::uint64_t(st.st_size);
-  if (size > limit) {
-    ::close(fd);
-    DRDIFF_FAIL(who, ": '", path, "' is ", size, " bytes, above the limit of ", limit);
-  }
+  DRDIFF_CHECK(size <= limit, who, ": '", path, "' is ", size, " bytes, above the limit of ", limit);
   std::vector<std::uint8_t> b;
   try {
     b.resize(static_cast<std::size_t>(size));
   } catch (std::bad_alloc const&) {
-    ::close(fd);
     DRDIFF_FAIL(who, ": '", path, "' is ", size, " bytes: not enough memory to read it");
   }
-  std::size_t done = 0;
-  while (done < b.size()) {
-    ssize_t const r = ::read(fd, b.data() + done, b.size() - done);
+  for (std::size_t done = 0; done < b.size();) {
+    ssize_t const r = ::read(fd.get(), b.data() + done, b.size() - done);
     if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      int const e = errno;
-      ::close(fd);
-      DRDIFF_FAIL(who, ": cannot read '", path, "': ", r == 0 ? "it is shorter than its size" : std::strerror(e));
-    }
+    DRDIFF_CHECK(r > 0, who, ": cannot read '", path, "': ", r == 0 ? "it is shorter than its size" : std::strerror(errno));
     done += std::size_t(r);
   }
-  ::close(fd);
   return b;
 }
 
@@ -106,42 +118,36 @@ inline void write_file_atomically(std::string const& path, std::uint8_t const* b
   // A fresh name next to the target, created with 0666 so that the umask applies as for any new file.
   static std::atomic<unsigned> counter{0};
   std::string tmp;
-  int fd = -1;
-  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+  int raw = -1;
+  for (int attempt = 0; attempt < 100 && raw < 0; ++attempt) {
     tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter.fetch_add(1));
-    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd < 0 && errno != EEXIST) break;
+    raw = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (raw < 0 && errno != EEXIST) break;
   }
-  DRDIFF_CHECK(fd >= 0, who, ": cannot create a temporary file next to '", path, "': ", std::strerror(errno));
-  auto fail = [&](char const* what) {
+  DRDIFF_CHECK(raw >= 0, who, ": cannot create a temporary file next to '", path, "': ", std::strerror(errno));
+  unique_fd fd(raw);
+  // Until the rename, any failure removes the temporary file and leaves `path` as it was.
+  auto check = [&](bool ok, char const* what) {
+    if (ok) return;
     int const e = errno;
-    ::close(fd);
+    fd.close();
     ::unlink(tmp.c_str());
     DRDIFF_FAIL(who, ": ", what, " '", path, "' failed: ", std::strerror(e), " (the file was left as it was)");
   };
-  std::size_t done = 0;
-  while (done < n) {
-    ssize_t const w = ::write(fd, bytes + done, n - done);
+  for (std::size_t done = 0; done < n;) {
+    ssize_t const w = ::write(fd.get(), bytes + done, n - done);
     if (w < 0 && errno == EINTR) continue;
     if (w == 0) errno = EIO;
-    if (w <= 0) fail("writing");
+    check(w > 0, "writing");
     done += std::size_t(w);
   }
-  if (::fsync(fd) != 0) fail("flushing");
+  check(::fsync(fd.get()) == 0, "flushing");
   // The file keeps the mode of the one it replaces (a new one has 0666 less the umask, from open).
   struct stat old {};
-  if (::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode) && ::fchmod(fd, old.st_mode & 07777) != 0)
-    fail("setting the mode of");
-  if (::close(fd) != 0) {
-    int const e = errno;
-    ::unlink(tmp.c_str());
-    DRDIFF_FAIL(who, ": closing '", path, "' failed: ", std::strerror(e), " (the file was left as it was)");
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int const e = errno;
-    ::unlink(tmp.c_str());
-    DRDIFF_FAIL(who, ": cannot rename the temporary file to '", path, "': ", std::strerror(e));
-  }
+  if (::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode)) check(::fchmod(fd.get(), old.st_mode & 07777) == 0,
+                                                                     "setting the mode of");
+  check(fd.close(), "closing");
+  check(::rename(tmp.c_str(), path.c_str()) == 0, "renaming the temporary file to");
 }
 
 }  // namespace detail

@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -52,31 +51,28 @@ inline void layer_norm_rows(context<cpu> const& ctx, float const* x, std::int64_
   });
 }
 
+/// Rows of logits the categorical prediction computes per worker at a time.
+inline constexpr std::int64_t categorical_chunk = 64;
+
 /// x̂0 = softmax(z·Eᵀ)·E per row, in place on z [rows × d] (E: [vocab × d], row-major): the
-/// categorical data prediction. A NaN in a row's logits makes that row NaN (never a plausible row).
+/// categorical data prediction. `scratch` holds categorical_chunk × vocab floats per worker of
+/// resolve_threads(ctx.num_threads). The row max propagates NaN, so a NaN in a row's logits makes
+/// the whole row NaN (never a plausible row).
 inline void categorical_rows(context<cpu> const& ctx, float* z, std::int64_t rows, int d, float const* E,
-                             int vocab) {
+                             int vocab, float* scratch) {
   using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  std::int64_t const chunk = 64;
-  int const workers = resolve_threads(ctx.num_threads);
-  std::vector<float> buf(std::size_t(workers) * chunk * vocab);
+  std::int64_t const chunk = categorical_chunk;
   Eigen::Map<matrix const> W(E, vocab, d);
-  parallel_for(workers, (rows + chunk - 1) / chunk, [&](std::int64_t c, int w) {
+  parallel_for(resolve_threads(ctx.num_threads), (rows + chunk - 1) / chunk, [&](std::int64_t c, int w) {
     std::int64_t const r0 = c * chunk, n = std::min(chunk, rows - r0);
     Eigen::Map<matrix> Z(z + r0 * d, n, d);
-    Eigen::Map<matrix> L(buf.data() + std::size_t(w) * chunk * vocab, n, vocab);
+    Eigen::Map<matrix> L(scratch + std::size_t(w) * chunk * vocab, n, vocab);
     L.noalias() = Z * W.transpose();
     for (std::int64_t r = 0; r < n; ++r) {
-      float mx = L(r, 0);
-      bool nan = false;
-      for (int v = 0; v < vocab; ++v) {
-        nan |= std::isnan(L(r, v));
-        mx = std::max(mx, L(r, v));
-      }
-      double sum = 0;
-      for (int v = 0; v < vocab; ++v) sum += (L(r, v) = std::exp(L(r, v) - mx));
-      float const inv = nan ? std::numeric_limits<float>::quiet_NaN() : float(1.0 / sum);
-      L.row(r) *= inv;
+      auto row = L.row(r).array();
+      float const mx = row.template maxCoeff<Eigen::PropagateNaN>();
+      row = (row - mx).exp();
+      row /= row.sum();
     }
     Z.noalias() = L * W;
   });
@@ -161,8 +157,11 @@ class model<cpu, Config> {
     t0 = clock();
     detail::layer_norm_rows(ctx, h_.data(), T, dm, p("norm.weight"), p("norm.bias"), cfg_.norm_eps, ln_.data());
     detail::linear_rows(ctx, ln_.data(), T, dm, p("down.weight"), de, p("down.bias"), x0, false);
-    if (cfg_.output == prediction::categorical)
-      detail::categorical_rows(ctx, x0, T, de, p("embed.weight"), s.vocab);
+    if (cfg_.output == prediction::categorical) {
+      std::size_t const need = std::size_t(detail::resolve_threads(ctx.num_threads)) * detail::categorical_chunk * s.vocab;
+      if (cat_ws_.size() < need) cat_ws_.resize(need);
+      detail::categorical_rows(ctx, x0, T, de, p("embed.weight"), s.vocab, cat_ws_.data());
+    }
     if (timing) timing->dense += since(t0);
   }
 
@@ -220,7 +219,7 @@ class model<cpu, Config> {
  private:
   Config cfg_;
   model_weights w_;
-  std::vector<float> h_, ln_, qkv_, att_, ffn_, temb_, tfeat_, thid_, rope_cos_, rope_sin_;
+  std::vector<float> h_, ln_, qkv_, att_, ffn_, temb_, tfeat_, thid_, rope_cos_, rope_sin_, cat_ws_;
   std::vector<unsigned char> attn_ws_;
   int rope_seq_ = 0;
 

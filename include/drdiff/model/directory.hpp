@@ -39,7 +39,7 @@ struct model_directory {
   static model_directory open(std::string const& dir) {
     DRDIFF_CHECK(!dir.empty(), "model directory: the path is empty");
     std::string const why = detail::not_regular_reason(dir);
-    DRDIFF_CHECK(why == "it is a directory, not a file", "model directory: '", dir, "' is not a directory (",
+    DRDIFF_CHECK(detail::is_directory(dir), "model directory: '", dir, "' is not a directory (",
                  why.empty() ? std::string("it is a file") : why, ")");
     std::string const cfg_path = dir + "/config.json";
     auto const bytes = detail::read_regular_file(cfg_path, "model directory", std::uint64_t(1) << 24);
