@@ -219,6 +219,69 @@ TEMPLATE_TEST_CASE("CUDA attention applies softmax_scale, negative included", "[
   }
 }
 
+namespace {
+/// Runs `policy` on fresh normal inputs with one NaN at element 5 of head 0 of token `row` in q
+/// (which = 0), k (1) or v (2); returns o and lse as floats (o: [n][2 heads][64], lse: [2][n]).
+template <class T, class Policy>
+std::pair<std::vector<float>, std::vector<float>> run_with_nan(Policy const& policy, int n, int which, int row) {
+  int const heads = 2, dim = 64;
+  std::size_t const elems = std::size_t(n) * heads * dim;
+  static std::random_device rd;
+  unsigned const seed = rd();
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<T> h[3];
+  for (auto& t : h) {
+    t.resize(elems);
+    for (auto& x : t) x = from_float<T>(nd(rng));
+  }
+  h[which][std::size_t(row) * heads * dim + 5] = from_float<T>(std::nanf(""));
+  dbuf<T> dq(elems), dk(elems), dv(elems), dout(elems);
+  dbuf<float> dlse(std::size_t(heads) * n);
+  dq.upload(h[0]); dk.upload(h[1]); dv.upload(h[2]);
+  auto a = make_attention_args<T>(dq.ptr, dk.ptr, dv.ptr, dout.ptr, 1, n, heads, dim);
+  a.maybe_lse = reinterpret_cast<typename attention_args<T>::lse_type*>(dlse.ptr);
+  context<cuda> const ctx{};
+  std::size_t const ws_bytes = attention_workspace_bytes(ctx, policy, a);
+  dbuf<unsigned char> ws(ws_bytes);
+  attention(ctx, policy, a, ws.ptr, ws_bytes);
+  DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> o;
+  for (T x : dout.download()) o.push_back(to_float(x));
+  return {o, dlse.download()};
+}
+}  // namespace
+
+// The CPU test's twin (bad_input_test.cpp). On the GPU fmaxf drops a NaN score from the running max;
+// its exp2 still makes the row's sum NaN, and the epilogue must then write NaN (not 0 and −∞, the
+// answer for a row with no key) in o and lse, on the one-pass, multi-pass and split-key paths.
+TEMPLATE_TEST_CASE("a NaN in q, k or v reaches the CUDA output and lse, never a plausible number",
+                   "[attention][errors][cuda]", __nv_bfloat16, float) {
+  struct setting { int n, row, far; };
+  auto check = [](auto const& policy, setting st, bool all_rows_see_row) {
+    for (int which = 0; which < 3; ++which) {
+      auto const [o, lse] = run_with_nan<TestType>(policy, st.n, which, st.row);
+      INFO("N " << st.n << ", NaN in " << "qkv"[which] << " at token " << st.row);
+      auto at = [&, &o = o](int i, int hd, int d) { return o[(std::size_t(i) * 2 + hd) * 64 + d]; };
+      auto l = [&, &lse = lse](int hd, int i) { return lse[std::size_t(hd) * st.n + i]; };
+      CHECK(std::isnan(at(st.row, 0, 5)));
+      if (which == 0) CHECK(std::isnan(l(0, st.row)));
+      if (which == 1) CHECK(std::isnan(l(0, 0)));  // row 0 is global (or dense): it attends every key
+      if (which == 2) CHECK(std::isnan(at(0, 0, 5)));
+      CHECK(std::isfinite(at(st.row, 1, 5)));  // head 1 never sees the NaN
+      CHECK(std::isfinite(l(1, st.row)));
+      if (!all_rows_see_row) {  // a row far from it, in another tile, that does not attend token `row`
+        CHECK(std::isfinite(at(st.far, 0, 5)));
+        CHECK(std::isfinite(l(0, st.far)));
+      }
+    }
+  };
+  check(attn::local_window{16} | attn::global_tokens::first(4), {300, 150, 299}, false);
+  check(attn::dense{}, {300, 150, 0}, true);
+  check(attn::hsa{}, {6000, 150, 5999}, false);    // window, dilated and 64 global keys, several passes
+  check(attn::hsa{}, {20000, 150, 19999}, false);  // the longest tier: global rows split their keys
+}
+
 TEST_CASE("fp32 on CUDA takes every supported head_dim", "[attention][cuda]") {
   for (int d : {32, 40, 96, 256}) compare<float>(attn::local_window{10} | attn::dilated{2, 20}, 1, 90, 1, d);
 }

@@ -431,6 +431,14 @@ __device__ __forceinline__ void cuda_attention_chunk(T const* sq, T const* ck, T
 #endif
 }
 
+/// A finished row's 1/ℓ and log-sum-exp: 0 and −∞ for a row with no allowed key (ℓ = 0); NaN and NaN
+/// when a NaN reached the row. (fmaxf drops a NaN score from the running max, but its exp2 makes ℓ
+/// NaN, so ℓ carries it; without the last case the row's lse would read −∞, a row with no key.)
+__device__ __forceinline__ float cuda_row_inverse(float l) { return l > 0.f ? 1.f / l : l == 0.f ? 0.f : l; }
+__device__ __forceinline__ float cuda_row_lse(float m, float l) {
+  return l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : l == 0.f ? -INFINITY : l;
+}
+
 /// Writes one row's result from fragment half x (rows g or g + 8) of this thread's accumulator: with
 /// `out`, the normalized output and its log-sum-exp; else the running state (m, l, acc) at row sr of
 /// the pass state or, for a key split, of the split partials.
@@ -440,12 +448,12 @@ __device__ __forceinline__ void cuda_write_row(cuda_attention_params<T, Seg> con
                                                float const (&acc)[D / 8][4], int x) {
   int const tig = int(threadIdx.x) % 4;
   if (out) {
-    float const inv = l > 0.f ? 1.f / l : 0.f;
+    float const inv = cuda_row_inverse(l);
     T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) mma16<T>::store2(o + dt * 8 + tig * 2, acc[dt][2 * x] * inv, acc[dt][2 * x + 1] * inv);
     if (p.lse && tig == 0)
-      p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] = l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+      p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] = cuda_row_lse(m, l);
   } else {
     float* const pm = split ? p.part_m : p.st_m;
     float* const pl = split ? p.part_l : p.st_l;
@@ -965,11 +973,11 @@ __global__ void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ co
     }
     if (!active) continue;
     if (role.last && role.split_keys == 0) {
-      float const inv = l > 0.f ? 1.f / l : 0.f;
+      float const inv = cuda_row_inverse(l);
       T* const o = p.o + b * p.os.batch + std::int64_t(row) * p.os.seq + h * p.os.head;
       for (int d = 0; d < D; ++d) o[d] = T(acc[d] * inv);
       if (p.lse) p.lse[(std::int64_t(b) * p.heads + h) * p.seq + row] =
-                     l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+                     cuda_row_lse(m, l);
     } else {
       float* const pm = role.split_keys > 0 ? p.part_m : p.st_m;
       float* const pl = role.split_keys > 0 ? p.part_l : p.st_l;
@@ -1026,8 +1034,8 @@ __global__ void attention_merge_kernel(__grid_constant__ const cuda_attention_pa
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
     if (lane == 0) {
-      inv_l = l > 0.f ? 1.f / l : 0.f;
-      if (p.lse) p.lse[bh * p.seq + row] = l > 0.f ? (mx + log2f(l)) * 0.69314718055994531f : -INFINITY;
+      inv_l = cuda_row_inverse(l);
+      if (p.lse) p.lse[bh * p.seq + row] = cuda_row_lse(mx, l);
     }
   }
   __syncthreads();
