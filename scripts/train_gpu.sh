@@ -8,8 +8,9 @@
 #
 # Budgets (minutes of training each, compilation not counted): DRDIFF_BUDGET (11), AR_BUDGET (11),
 # JUDGE_BUDGET (7); each run of a chain lasts DRDIFF_RUN_MINUTES (20) of wall time (a resumed run
-# compiles again: ~3 minutes with three trainers on one GPU). DRDIFF_GPU_BUILD=DIR
-# also builds the CUDA model test in DIR in the background.
+# compiles again: ~3 minutes with three trainers on one GPU). DRDIFF_TOKENS_PER_STEP sets DrDiff's batch
+# (122,880; the baselines keep that). DRDIFF_GPU_BUILD=DIR also builds the GPU lane's CUDA tests in DIR
+# in the background and then runs them (ctest -L cuda, while the trainers run; log DIR.ctest.log).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:?start or status}
@@ -18,12 +19,12 @@ corpus=${DRDIFF_CORPUS:-$root/data/corpus}
 tok=${DRDIFF_TOKENIZER:-$root/models/drdiff-text/tokenizer.model}
 export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 chain() {  # name kind budget seed [config]
-  local name=$1 kind=$2 budget=$3 seed=$4 cfg=${5:-}
+  local name=$1 kind=$2 budget=$3 seed=$4 cfg=${5:-} tps=${6:-122880}
   local out=$runs/$name
   mkdir -p "$out"
   for _ in 1 2 3 4 5 6; do
     python3 -m drdiff.train --kind "$kind" --corpus "$corpus" --tokenizer "$tok" --out "$out" \
-      --budget "$budget" --minutes "${DRDIFF_RUN_MINUTES:-20}" --seed "$seed" ${cfg:+--config "$cfg"} \
+      --budget "$budget" --minutes "${DRDIFF_RUN_MINUTES:-20}" --seed "$seed" --tokens-per-step "$tps" ${cfg:+--config "$cfg"} \
       >> "$out/stdout.log" 2>&1 || { echo "FAILED" >> "$out/stdout.log"; return 1; }
     grep -q '"kind": "done"' "$out/log.jsonl" && return 0
   done
@@ -35,15 +36,19 @@ case "$mode" in
     # The bf16 GEMM rate with the GPU to itself (each trainer also measures it, but they share the GPU).
     python3 -c "import json, torch; from drdiff.train import gemm_rate; print(json.dumps({'gemm_flops': gemm_rate(torch.device('cuda')), 'gpu': torch.cuda.get_device_name()}))" | tee "$runs/gemm.json"
     export -f chain; export runs corpus tok
-    setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1" > /dev/null 2>&1 < /dev/null &
+    setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1 '' ${DRDIFF_TOKENS_PER_STEP:-122880}" > /dev/null 2>&1 < /dev/null &
     setsid bash -c "chain ar ar ${AR_BUDGET:-11} 2" > /dev/null 2>&1 < /dev/null &
     setsid bash -c "chain judge ar ${JUDGE_BUDGET:-7} 3 '{\"d_model\": 320, \"heads\": 5}'" > /dev/null 2>&1 < /dev/null &
     echo "started: $runs/{drdiff,ar,judge}"
-    if [ -n "${DRDIFF_GPU_BUILD:-}" ]; then  # meanwhile, the CUDA model test (for scripts/gpu_finish.sh)
-      setsid bash -c "cmake -S '$root' -B '$DRDIFF_GPU_BUILD' -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH='$root/.deps' \
+    if [ -n "${DRDIFF_GPU_BUILD:-}" ]; then  # meanwhile, the lane's CUDA tests (model.cuda is rerun by gpu_finish.sh)
+      b=$DRDIFF_GPU_BUILD
+      targets="drdiff.test.attention.cuda drdiff.test.attention.cuda.mma drdiff.test.attention.policy.cuda drdiff.test.solver.cuda"
+      targets="$targets drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda drdiff.test.concurrency.cuda"
+      setsid bash -c "cmake -S '$root' -B '$b' -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH='$root/.deps' \
         -DDRDIFF_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF -DDRDIFF_BUILD_BENCHMARKS=OFF \
-        > '$DRDIFF_GPU_BUILD.log' 2>&1 && cmake --build '$DRDIFF_GPU_BUILD' -j 8 --target drdiff.test.model.cuda \
-        >> '$DRDIFF_GPU_BUILD.log' 2>&1; echo BUILD_DONE \$? >> '$DRDIFF_GPU_BUILD.log'" > /dev/null 2>&1 < /dev/null &
+        > '$b.log' 2>&1 && nice cmake --build '$b' -j 10 --target $targets >> '$b.log' 2>&1; echo BUILD_DONE \$? >> '$b.log'; \
+        cd '$b' && LD_LIBRARY_PATH='$root/.deps/lib/runtime':\${LD_LIBRARY_PATH:-} ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model|concurrency)' \
+        > '$b.ctest.log' 2>&1; echo CTEST_DONE \$? >> '$b.ctest.log'" > /dev/null 2>&1 < /dev/null &
     fi
     ;;
   status)
@@ -53,7 +58,10 @@ case "$mode" in
       grep -c '"skip"' "$runs/$n/log.jsonl" 2>/dev/null | sed 's/^/   skipped updates: /' || true
     done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-    [ -n "${DRDIFF_GPU_BUILD:-}" ] && tail -n 1 "$DRDIFF_GPU_BUILD.log"
+    if [ -n "${DRDIFF_GPU_BUILD:-}" ]; then
+      tail -n 1 "$DRDIFF_GPU_BUILD.log" 2>/dev/null
+      grep -E 'tests passed|Failed|\*\*\*|CTEST_DONE' "$DRDIFF_GPU_BUILD.ctest.log" 2>/dev/null | tail -12
+    fi
     n_done=$(cat "$runs"/{drdiff,ar,judge}/log.jsonl 2>/dev/null | grep -c '"kind": "done"')
     echo "runs done: $n_done of 3"
     ;;
