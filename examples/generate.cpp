@@ -162,18 +162,18 @@ int main(int argc, char** argv) {
       }
       return 0;
     }
-    model<cpu, model_config<>> m(cfg);
+    model_weights w(cfg.sizes, cfg.activation);  // on the host; the model of either backend takes them
     if (!o.model.empty()) {
-      dir.load_into(m);
+      dir.load_into(w);
       DRDIFF_CHECK(tok.vocab == cfg.sizes.vocab, "drdiff-generate: the ", tokenizer_kind, " tokenizer ",
                    dir.tokenizer_path(), " has ", tok.vocab, " tokens but config.json says sizes.vocab = ",
                    cfg.sizes.vocab);
     } else if (o.weights.empty()) {
-      m.init_random(o.seed);
+      w.init_random(o.seed);
     } else {
-      m.load(o.weights);
+      w.load(o.weights);
     }
-    if (!o.save.empty()) m.save(o.save);
+    if (!o.save.empty()) w.save(o.save);
     generation_request req;
     req.prompt = tok.encode(o.prompt);
     req.length = o.length;
@@ -269,14 +269,20 @@ int main(int argc, char** argv) {
         if (t.joinable()) t.join();
       }
     } stop_ticker{ticker, finished};
+    req.time_components = o.timing;
+    // The one per-backend step: the context (the model type and its calls are the same).
+    auto run = [&](auto const& ctx) {
+      using backend = typename std::decay_t<decltype(ctx)>::backend_type;
+      model<backend, model_config<>> m(cfg, std::move(w));
+      return m.generate(ctx, req);
+    };
     generation_result r;
     if (o.backend == "cpu") {
-      r = m.generate(context<cpu>{o.threads}, req);
+      r = run(context<cpu>{o.threads});
     } else {
 #if defined(__CUDACC__)
       DRDIFF_CHECK(cuda_device_count() > 0, "drdiff-generate: --backend cuda: no CUDA device found");
-      model<drdiff::cuda, model_config<>> g(cfg, m.weights());
-      r = g.generate(req, o.timing);
+      r = run(context<drdiff::cuda>{});
 #endif
     }
     if (bar) {

@@ -38,11 +38,11 @@ void forward(benchmark::State& state, Cfg const& cfg) {
   DRDIFF_CUDA_CHECK(cudaMalloc(&y, n * sizeof(float)));
   DRDIFF_CUDA_CHECK(cudaMemset(x, 0, n * sizeof(float)));
   model_timing split;
-  m.forward(x, 0.5, y, 1, N);  // warm-up (allocations, cuBLAS heuristics)
-  m.forward(x, 0.5, y, 1, N);
-  for (int i = 0; i < 3; ++i) m.forward(x, 0.5, y, 1, N, &split);  // the component split, mean of 3
+  m.forward(context<drdiff::cuda>{}, x, 0.5, y, 1, N);  // warm-up (allocations, cuBLAS heuristics)
+  m.forward(context<drdiff::cuda>{}, x, 0.5, y, 1, N);
+  for (int i = 0; i < 3; ++i) m.forward(context<drdiff::cuda>{}, x, 0.5, y, 1, N, &split);  // the component split, mean of 3
   bench::cuda_event_timer timer;
-  for (auto _ : state) timer.time(state, 1, [&] { m.forward(x, 0.5, y, 1, N); });
+  for (auto _ : state) timer.time(state, 1, [&] { m.forward(context<drdiff::cuda>{}, x, 0.5, y, 1, N); });
   state.counters["tokens"] = benchmark::Counter(N, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["attention_ms"] = split.attention * 1e3 / 3;
   state.counters["moe_ms"] = split.moe * 1e3 / 3;
@@ -58,13 +58,15 @@ void generate(benchmark::State& state, Cfg const& cfg) {
   generation_request r;
   r.length = N;
   r.seed = 1;
-  m.generate(r);  // warm-up
+  context<drdiff::cuda> const ctx{};
+  m.generate(ctx, r);  // warm-up
   generation_result last;
   for (auto _ : state) {
-    last = m.generate(r);
+    last = m.generate(ctx, r);
     state.SetIterationTime(last.seconds);
   }
-  auto const split = m.generate(r, true).timing;
+  r.time_components = true;
+  auto const split = m.generate(ctx, r).timing;
   state.counters["tokens"] = benchmark::Counter(N, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["steps"] = last.steps;
   state.counters["solver_ms"] = split.solver * 1e3;

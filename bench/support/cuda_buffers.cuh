@@ -1,46 +1,50 @@
 #pragma once
-// Device buffers and deterministic fills for the CUDA benchmarks.
+// Device buffers (owned by Thrust vectors) and deterministic fills for the CUDA benchmarks.
 
 #include <drdiff/cuda/error.cuh>
 
 #include <cuda_bf16.h>
+#include <thrust/device_ptr.h>
+#include <thrust/device_vector.h>
+#include <thrust/execution_policy.h>
+#include <thrust/tabulate.h>
 
 #include <algorithm>
 #include <cstddef>
+#include <memory>
 #include <vector>
 
 namespace drdiff::bench {
 
-/// p[i] = scale·(u − ½) with u a hash of (i, seed) in [0, 1): no host transfer, the same every run.
+/// scale·(u − ½) at index i, with u a hash of (i, seed) in [0, 1): no host transfer, the same every run.
 template <class T>
-__global__ void fill_uniform(T* p, std::size_t n, unsigned seed, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+struct uniform_hash {
+  unsigned seed;
+  float scale;
+  __device__ T operator()(std::ptrdiff_t i) const {
     unsigned x = unsigned(i) * 2654435761u ^ seed;
     x ^= x >> 13; x *= 0x5bd1e995u; x ^= x >> 15;
-    p[i] = T(scale * ((x & 0xffffff) / float(0x1000000) - 0.5f));
+    return T(scale * ((x & 0xffffff) / float(0x1000000) - 0.5f));
   }
-}
+};
 
-/// Owns every allocation it hands out.
+/// Owns every allocation it hands out (each a Thrust device vector; the pointers stay valid for the
+/// lifetime of the object).
 struct buffers {
-  std::vector<void*> ptrs;
+  std::vector<std::unique_ptr<thrust::device_vector<unsigned char>>> held;
   template <class T>
   T* alloc(std::size_t n) {
-    void* p = nullptr;
-    DRDIFF_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
-    ptrs.push_back(p);
-    return static_cast<T*>(p);
+    held.push_back(std::make_unique<thrust::device_vector<unsigned char>>(std::max<std::size_t>(n, 1) * sizeof(T)));
+    return reinterpret_cast<T*>(thrust::raw_pointer_cast(held.back()->data()));
   }
-  /// An allocation filled by fill_uniform.
+  /// An allocation filled with uniform_hash values.
   template <class T>
   T* random(std::size_t n, unsigned seed, float scale) {
     T* p = alloc<T>(n);
-    fill_uniform<<<2048, 256>>>(p, n, seed, scale);
+    auto const first = thrust::device_pointer_cast(p);
+    thrust::tabulate(thrust::device, first, first + std::ptrdiff_t(n), uniform_hash<T>{seed, scale});
     DRDIFF_CUDA_CHECK(cudaGetLastError());
     return p;
-  }
-  ~buffers() {
-    for (void* p : ptrs) cudaFree(p);
   }
 };
 

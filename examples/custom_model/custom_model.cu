@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
     DRDIFF_CUDA_CHECK(cudaMalloc(&dx, elems * sizeof(float)));
     DRDIFF_CUDA_CHECK(cudaMalloc(&dy, elems * sizeof(float)));
     DRDIFF_CUDA_CHECK(cudaMemcpy(dx, x.data(), elems * sizeof(float), cudaMemcpyHostToDevice));
-    dev.forward(dx, 0.5, dy, 1, n);
+    dev.forward(context<drdiff::cuda>{}, dx, 0.5, dy, 1, n);
     DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, elems * sizeof(float), cudaMemcpyDeviceToHost));
     cudaFree(dx);
     cudaFree(dy);
@@ -77,7 +77,8 @@ int main(int argc, char** argv) {
     generation_request r;
     r.length = length;
     r.seed = 3;
-    auto const g = dev.generate(r, true);
+    r.time_components = true;
+    auto const g = dev.generate(context<drdiff::cuda>{}, r);
     std::printf("generated %d tokens on the GPU in %.3f s (%.0f tokens/s): attention %.3f s, MoE %.3f s, dense %.3f s\n",
                 int(g.tokens.size()), g.seconds, g.tokens.size() / g.seconds, g.timing.attention, g.timing.moe,
                 g.timing.dense);

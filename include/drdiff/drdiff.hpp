@@ -1,7 +1,7 @@
 #pragma once
 /// \file
-/// Umbrella header for CPU users: the core, attention policies, routers, solvers, anchors and the CPU
-/// (Eigen) backend.
+/// Umbrella header for CPU users: the core, attention policies, routers, solvers, anchors, the model
+/// (with its weights files and the byte tokenizer) and the CPU (Eigen) backend.
 /// Needs only a C++17 compiler and Eigen 3.4; no CUDA toolkit.
 
 #include <drdiff/anchor/absorbing.hpp>
@@ -17,8 +17,15 @@
 #include <drdiff/cpu/anchor.hpp>
 #include <drdiff/cpu/attention.hpp>
 #include <drdiff/cpu/attention_reference.hpp>
+#include <drdiff/cpu/model.hpp>
 #include <drdiff/cpu/moe.hpp>
 #include <drdiff/cpu/solver.hpp>
+#include <drdiff/model/config.hpp>
+#include <drdiff/model/model.hpp>
+#include <drdiff/model/parameters.hpp>
+#include <drdiff/model/safetensors.hpp>
+#include <drdiff/model/tokenizer.hpp>
+#include <drdiff/model/weights.hpp>
 #include <drdiff/router/routers.hpp>
 #include <drdiff/solver/dpmpp.hpp>
 #include <drdiff/solver/grid.hpp>

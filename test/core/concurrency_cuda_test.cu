@@ -111,7 +111,7 @@ TEST_CASE("the CUDA model forward from 4 threads (own stream and model each) equ
   {
     model<gpu, model_config<>> g(cfg, host.weights());
     for (int i = 0; i < 4; ++i) {
-      g.forward(xt[i], 0.3 + 0.1 * i, x0[i], 1, n);
+      g.forward(context<gpu>{}, xt[i], 0.3 + 0.1 * i, x0[i], 1, n);
       DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
       seq[i] = host_copy(x0[i], sz);
     }
@@ -120,8 +120,8 @@ TEST_CASE("the CUDA model forward from 4 threads (own stream and model each) equ
     cudaStream_t st = nullptr;
     DRDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     {
-      model<gpu, model_config<>> g(cfg, host.weights(), context<gpu>{reinterpret_cast<CUstream_st*>(st)});
-      g.forward(xt[i], 0.3 + 0.1 * i, x0[i], 1, n);
+      model<gpu, model_config<>> g(cfg, host.weights());
+      g.forward(context<gpu>{reinterpret_cast<CUstream_st*>(st)}, xt[i], 0.3 + 0.1 * i, x0[i], 1, n);
       DRDIFF_CUDA_CHECK(cudaStreamSynchronize(st));
       par[i] = host_copy(x0[i], sz);
     }

@@ -45,7 +45,7 @@ std::vector<double> compare_forward(Cfg const& cfg, int batch, int seq, unsigned
   DRDIFF_CUDA_CHECK(cudaMalloc(&dy, n * sizeof(float)));
   DRDIFF_CUDA_CHECK(cudaMemcpy(dx, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
   model_timing tm;
-  g.forward(dx, 0.41, dy, batch, seq, &tm);
+  g.forward(context<gpu>{}, dx, 0.41, dy, batch, seq, &tm);
   DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, n * sizeof(float), cudaMemcpyDeviceToHost));
   cudaFree(dx);
   cudaFree(dy);
@@ -120,7 +120,10 @@ TEST_CASE("GPU generation is deterministic and agrees with the CPU on most token
   r.prompt = {68, 114, 68, 105, 102, 102};
   r.length = 200;
   r.seed = 4;
-  auto const a = g.generate(r), b = g.generate(r, true);
+  auto const a = g.generate(context<gpu>{}, r);
+  r.time_components = true;
+  auto const b = g.generate(context<gpu>{}, r);
+  r.time_components = false;
   CHECK(a.tokens == b.tokens);
   CHECK(b.timing.attention > 0);
   auto const h = c.generate(context<cpu>{2}, r);
@@ -130,7 +133,7 @@ TEST_CASE("GPU generation is deterministic and agrees with the CPU on most token
   WARN("GPU (bf16) and CPU (fp32) generated tokens agree on " << 100 * agree << " %");
   CHECK(agree >= 0.8);
   r.seed = 5;
-  CHECK(g.generate(r).tokens != a.tokens);
+  CHECK(g.generate(context<gpu>{}, r).tokens != a.tokens);
 }
 
 TEST_CASE("the shipped checkpoint's GPU forward matches PyTorch's golden tensors (bf16 tolerance)", "[model][cuda]") {
@@ -156,7 +159,7 @@ TEST_CASE("the shipped checkpoint's GPU forward matches PyTorch's golden tensors
     DRDIFF_CUDA_CHECK(cudaMalloc(&dx, sz * sizeof(float)));
     DRDIFF_CUDA_CHECK(cudaMalloc(&dy, sz * sizeof(float)));
     DRDIFF_CUDA_CHECK(cudaMemcpy(dx, xt.data(), sz * sizeof(float), cudaMemcpyHostToDevice));
-    g.forward(dx, double(tv[0]), dy, 1, n);
+    g.forward(context<gpu>{}, dx, double(tv[0]), dy, 1, n);
     DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, sz * sizeof(float), cudaMemcpyDeviceToHost));
     cudaFree(dx);
     cudaFree(dy);

@@ -24,12 +24,14 @@ struct context;
 /// CPU context: `num_threads` worker threads (0 = std::thread::hardware_concurrency()).
 template <>
 struct context<cpu> {
+  using backend_type = cpu;
   int num_threads = 0;
 };
 
 /// CUDA context: the stream to launch on and the device it belongs to (-1 = current device).
 template <>
 struct context<cuda> {
+  using backend_type = cuda;
   CUstream_st* stream = nullptr;
   int device = -1;
 };

@@ -12,6 +12,7 @@
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/detail/blas.cuh>
 #include <drdiff/cuda/error.cuh>
+#include <drdiff/cuda/launch.cuh>
 
 #include <cub/block/block_reduce.cuh>
 #include <cublas_v2.h>
@@ -29,7 +30,7 @@ namespace detail {
 
 inline cudaStream_t stream_of(context<drdiff::cuda> const& ctx) { return reinterpret_cast<cudaStream_t>(ctx.stream); }
 inline unsigned grid_for(std::size_t n, int threads) {
-  return unsigned(std::min<std::size_t>((n + threads - 1) / threads, 132 * 32));
+  return drdiff::detail::stride_grid(n, threads, 32);
 }
 template <class T>
 __device__ __forceinline__ float to_f(T v) { return float(v); }

@@ -14,6 +14,7 @@
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/detail/blas.cuh>
 #include <drdiff/cuda/error.cuh>
+#include <drdiff/cuda/launch.cuh>
 #include <drdiff/router/routers.hpp>
 
 #include <cublas_v2.h>
@@ -248,7 +249,7 @@ void moe_activate(T* h, T const* g, std::size_t n, bool swiglu, cudaStream_t str
   if (n == 0) return;
   if (n % moe_vec<T> == 0 && aligned16(h) && (!swiglu || aligned16(g))) {
     std::size_t const chunks = n / moe_vec<T>;
-    moe_activation_vec_kernel<<<unsigned(std::min<std::size_t>((chunks + 255) / 256, 132 * 16)), 256, 0, stream>>>(
+    moe_activation_vec_kernel<<<drdiff::detail::stride_grid(chunks, 256, 16), 256, 0, stream>>>(
         h, g, chunks, swiglu ? 1 : 0);
   } else {
     moe_activation_kernel<<<unsigned(std::min<std::size_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(h, g, n,

@@ -6,6 +6,7 @@
 
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/error.cuh>
+#include <drdiff/cuda/launch.cuh>
 #include <drdiff/solver/dpmpp.hpp>
 #include <drdiff/solver/model.hpp>
 #include <drdiff/solver/noise.hpp>
@@ -57,7 +58,7 @@ void update(context<cuda> const& ctx, step_coefficients const& k, T* x, T const*
   if (n == 0) return;
   auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
   int const threads = 256;
-  unsigned const blocks = unsigned(std::min<std::size_t>((n + threads - 1) / threads, 132 * 16));
+  unsigned const blocks = drdiff::detail::stride_grid(n, threads, 16);
   bool const u1 = k.b[1] != 0, u2 = k.b[2] != 0, z = k.c != 0;
   T const a = T(k.a), b0 = T(k.b[0]), b1 = T(k.b[1]), b2 = T(k.b[2]), c = T(k.c);
   auto launch = [&](auto use1, auto use2, auto use_noise) {
@@ -103,7 +104,7 @@ void dpmpp_sample(context<cuda> const& ctx, schedule_ops<S> const& ops, dpmpp_co
   int* const flag = reinterpret_cast<int*>(workspace + 3 * n);
   int const none = 0x7fffffff;
   DRDIFF_CUDA_CHECK(cudaMemcpyAsync(flag, &none, sizeof(int), cudaMemcpyHostToDevice, stream));
-  unsigned const blocks = unsigned(std::min<std::size_t>((n + 255) / 256, 132 * 16));
+  unsigned const blocks = drdiff::detail::stride_grid(n, 256, 16);
   T* const m[3] = {workspace, workspace + n, workspace + 2 * n};
   multistep_loop(plan, grid, model, x, m, correct_x0, correct_xt,
                  [&](T const* x0, int s) {  // flagged on the device, reported after the loop
