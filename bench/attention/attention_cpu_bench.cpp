@@ -1,8 +1,9 @@
-// CPU attention benchmarks: every pattern at N = 1K..64K, the float64 reference, and the Eigen GEMM
-// ceiling measured in the same binary.
+// CPU attention benchmarks: every pattern at N = 1K..64K, the backward of dense, local and hsa, the
+// float64 reference, and the Eigen GEMM ceiling measured in the same binary.
 //
-// Counters: `flops` = useful FLOP/s (4·D·allowed pairs per second), `per_query` = seconds per
-// (query row, head), `density` = allowed pairs / N². Wall-clock time (the kernels use every core).
+// Counters: `flops` = useful FLOP/s (4·D·allowed pairs per second; the backward 10·D: S again, dP,
+// dV, dQ and dK), `per_query` = seconds per (query row, head), `density` = allowed pairs / N².
+// Wall-clock time (the kernels use every core).
 
 #include <benchmark/benchmark.h>
 
@@ -54,12 +55,41 @@ void sizes(benchmark::internal::Benchmark* b, int max_n) {
   for (int n = 1024; n <= max_n; n *= 2) b->Arg(n);
 }
 
+/// attention_backward (from the forward's o and lse, a random dO).
+template <class Policy>
+void run_backward(benchmark::State& state, Policy const& policy) {
+  int const n = int(state.range(0));
+  bench::problem<float> p(1, n, kHeads, kDim);
+  context<cpu> const ctx{};
+  attention(ctx, policy, p.args);
+  std::vector<float> g(p.q.size(), 0.5f), dq(p.q.size()), dk(p.q.size()), dv(p.q.size());
+  auto const a = make_attention_backward_args(p.args, g.data(), dq.data(), dk.data(), dv.data());
+  std::vector<unsigned char> ws(attention_backward_workspace_bytes(ctx, policy, a));
+  attention_backward(ctx, policy, a, ws.data(), ws.size());  // warm-up
+  for (auto _ : state) {
+    attention_backward(ctx, policy, a, ws.data(), ws.size());
+    benchmark::DoNotOptimize(dq.data());
+    benchmark::ClobberMemory();
+  }
+  double const flops = 2.5 * bench::useful_flops(policy, 1, n, kHeads, kDim);
+  state.counters["flops"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["per_query"] = benchmark::Counter(double(n) * kHeads, benchmark::Counter::kIsIterationInvariantRate |
+                                                                           benchmark::Counter::kInvert);
+  state.counters["threads"] = detail::resolve_threads(ctx.num_threads);
+}
+void BM_attention_backward_dense_cpu(benchmark::State& s) { run_backward(s, attn::dense{}); }
+void BM_attention_backward_local_cpu(benchmark::State& s) { run_backward(s, attn::local_window{256}); }
+void BM_attention_backward_hsa_cpu(benchmark::State& s) { run_backward(s, attn::hsa{}); }
+
 BENCHMARK(BM_attention_dense_cpu)->Apply([](auto* b) { sizes(b, 16384); });
 BENCHMARK(BM_attention_local_cpu)->Apply([](auto* b) { sizes(b, 65536); });
 BENCHMARK(BM_attention_dilated_cpu)->Apply([](auto* b) { sizes(b, 65536); });
 BENCHMARK(BM_attention_global_cpu)->Apply([](auto* b) { sizes(b, 65536); });
 BENCHMARK(BM_attention_union_cpu)->Apply([](auto* b) { sizes(b, 65536); });
 BENCHMARK(BM_attention_hsa_cpu)->Apply([](auto* b) { sizes(b, 65536); });
+BENCHMARK(BM_attention_backward_dense_cpu)->Apply([](auto* b) { sizes(b, 8192); });
+BENCHMARK(BM_attention_backward_local_cpu)->Apply([](auto* b) { sizes(b, 65536); });
+BENCHMARK(BM_attention_backward_hsa_cpu)->Apply([](auto* b) { sizes(b, 65536); });
 
 // The float64 oracle on the HSA pattern (O(N²) mask tests, by design).
 void BM_attention_reference_hsa_cpu(benchmark::State& state) {

@@ -9,6 +9,7 @@
 #include <drdiff/anchor/projectors.hpp>
 #include <drdiff/attention/args.hpp>
 #include <drdiff/attention/attention.hpp>
+#include <drdiff/attention/backward.hpp>
 #include <drdiff/attention/block_segments.hpp>
 #include <drdiff/attention/policies.hpp>
 #include <drdiff/core/backend.hpp>
@@ -16,6 +17,7 @@
 #include <drdiff/core/error.hpp>
 #include <drdiff/cpu/anchor.hpp>
 #include <drdiff/cpu/attention.hpp>
+#include <drdiff/cpu/attention_backward.hpp>
 #include <drdiff/cpu/attention_reference.hpp>
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/cpu/moe.hpp>

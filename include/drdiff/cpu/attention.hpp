@@ -30,6 +30,21 @@ struct cpu_attention_tuning {
   static constexpr int chunk_keys = 256;  ///< keys per S = Q·Kᵀ product
 };
 
+/// The caller's workspace, checked against `need` bytes, or (when it is null) one held by `owned`;
+/// returns its first byte aligned to `align`. `who` names the call and its size query in the error.
+inline unsigned char* cpu_workspace(void* workspace, std::size_t size, std::size_t need, std::size_t align,
+                                    char const* who, std::unique_ptr<unsigned char[]>& owned) {
+  if (!workspace) {
+    owned.reset(new unsigned char[need]);
+    workspace = owned.get();
+  } else {
+    DRDIFF_CHECK(size >= need, who, ": workspace_bytes = ", size, " is smaller than the ", need, " bytes ", who,
+                 "_workspace_bytes() asks for");
+  }
+  auto addr = reinterpret_cast<std::uintptr_t>(workspace);
+  return reinterpret_cast<unsigned char*>((addr + align - 1) / align * align);
+}
+
 template <class T>
 struct cpu_attention_layout {
   int threads = 1, tile = 0, chunk = 0, dim = 0;
@@ -87,16 +102,8 @@ struct attention_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float> || std::
                  " must be >= 0");
     auto const lay = layout<Policy>(ctx, a);
     std::unique_ptr<unsigned char[]> owned;
-    if (!workspace) {
-      owned.reset(new unsigned char[lay.bytes()]);
-      workspace = owned.get();
-    } else {
-      DRDIFF_CHECK(workspace_size >= lay.bytes(), "attention: workspace_bytes = ", workspace_size,
-                   " is smaller than the ", lay.bytes(), " bytes attention_workspace_bytes() asks for");
-    }
-    auto addr = reinterpret_cast<std::uintptr_t>(workspace);
-    addr = (addr + lay.align - 1) / lay.align * lay.align;
-    T* const m_all = reinterpret_cast<T*>(addr);
+    T* const m_all =
+        reinterpret_cast<T*>(cpu_workspace(workspace, workspace_size, lay.bytes(), lay.align, "attention", owned));
     T* const l_all = m_all + lay.state_elems();
     T* const scratch = l_all + lay.state_elems();
 

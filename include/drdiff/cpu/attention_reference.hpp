@@ -4,8 +4,10 @@
 /// policy's `mask`, scores and outputs are accumulated in double, one score row at a time (O(N)
 /// memory per thread, no N×N buffer). Slow by design (O(N²) mask evaluations); `row_begin` /
 /// `row_end` restrict it to a range of query rows so long sequences can be spot-checked.
+/// drdiff::attention_backward_reference is the gradients' oracle, in the same manner.
 
 #include <drdiff/attention/attention.hpp>
+#include <drdiff/attention/backward.hpp>
 #include <drdiff/attention/policies.hpp>
 #include <drdiff/cpu/detail/parallel.hpp>
 
@@ -72,6 +74,78 @@ void attention_reference(Policy const& policy, attention_args<T> const& a, int r
     if (a.maybe_lse)
       a.maybe_lse[(std::int64_t(b) * H + h) * a.seq + i] =
           sum > 0 ? T(mx + std::log(sum)) : -std::numeric_limits<T>::infinity();
+  });
+}
+
+/// The gradients' oracle: dQ, dK and dV of attention with `policy`, in double, from q, k, v and dO
+/// alone (the softmax recomputed from the mask; args.fwd.o and the lse are not read). One (batch,
+/// head) per worker; O(N·D) memory per worker. Rows with no allowed key contribute nothing.
+template <class Policy, class T>
+void attention_backward_reference(Policy const& policy, attention_backward_args<T> const& a, int num_threads = 0) {
+  detail::check_policy<Policy>();
+  auto const& f = a.fwd;
+  validate(f);
+  attn::validate(policy, f.seq, f.heads);
+  DRDIFF_CHECK(a.d_o && a.dq && a.dk && a.dv, "attention_backward_reference: d_o, dq, dk and dv must be set");
+  int const N = f.seq, H = f.heads, D = f.head_dim;
+  double const scale = f.scale();
+  double const neg_inf = -std::numeric_limits<double>::infinity();
+  detail::parallel_for(detail::resolve_threads(num_threads), std::int64_t(f.batch) * H, [&](std::int64_t item, int) {
+    int const b = int(item / H), h = int(item % H);
+    auto const bound = attn::bind(policy, N, h);
+    int const L = f.kv_len(b);
+    auto at = [&](T const* base, tensor_strides const& st, int i) { return base + b * st.batch + i * st.seq + h * st.head; };
+    std::vector<double> dk(std::size_t(N) * D, 0.0), dv(std::size_t(N) * D, 0.0), s(N), dp(N), dq(D);
+    for (int i = 0; i < N; ++i) {
+      T const* q = at(f.q, f.q_strides, i);
+      T const* g = at(a.d_o, a.do_strides, i);
+      double mx = neg_inf;
+      for (int j = 0; j < L; ++j) {
+        s[j] = neg_inf;
+        if (!bound.mask(i, j)) continue;
+        T const* k = at(f.k, f.k_strides, j);
+        double dot = 0;
+        for (int d = 0; d < D; ++d) dot += double(q[d]) * double(k[d]);
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+      }
+      std::fill(dq.begin(), dq.end(), 0.0);
+      if (mx != neg_inf) {
+        double sum = 0;
+        for (int j = 0; j < L; ++j)
+          if (s[j] != neg_inf) sum += std::exp(s[j] - mx);
+        double dsum = 0;  // D = Σ_j P_ij dP_ij = rowsum(dO ∘ O)
+        for (int j = 0; j < L; ++j) {
+          if (s[j] == neg_inf) continue;
+          s[j] = std::exp(s[j] - mx) / sum;  // now P_ij
+          T const* v = at(f.v, f.v_strides, j);
+          double x = 0;
+          for (int d = 0; d < D; ++d) x += double(g[d]) * double(v[d]);
+          dp[j] = x;
+          dsum += s[j] * x;
+        }
+        for (int j = 0; j < L; ++j) {
+          if (s[j] == neg_inf) continue;
+          double const ds = s[j] * (dp[j] - dsum);
+          T const* k = at(f.k, f.k_strides, j);
+          for (int d = 0; d < D; ++d) {
+            dq[d] += scale * ds * double(k[d]);
+            dk[std::size_t(j) * D + d] += scale * ds * double(q[d]);
+            dv[std::size_t(j) * D + d] += s[j] * double(g[d]);
+          }
+        }
+      }
+      T* out = a.dq + b * a.dq_strides.batch + i * a.dq_strides.seq + h * a.dq_strides.head;
+      for (int d = 0; d < D; ++d) out[d] = T(dq[d]);
+    }
+    for (int j = 0; j < N; ++j) {
+      T* ko = a.dk + b * a.dk_strides.batch + j * a.dk_strides.seq + h * a.dk_strides.head;
+      T* vo = a.dv + b * a.dv_strides.batch + j * a.dv_strides.seq + h * a.dv_strides.head;
+      for (int d = 0; d < D; ++d) {
+        ko[d] = T(dk[std::size_t(j) * D + d]);
+        vo[d] = T(dv[std::size_t(j) * D + d]);
+      }
+    }
   });
 }
 
