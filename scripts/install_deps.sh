@@ -3,7 +3,7 @@
 # Usage: scripts/install_deps.sh [extra-package ...]
 set -euo pipefail
 
-packages=(cmake g++ make pkg-config libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libsentencepiece-dev libcli11-dev "$@")
+packages=(cmake g++ make ninja-build pkg-config libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libsentencepiece-dev libcli11-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -345,7 +345,19 @@ class DrDiff(nn.Module):
 
     def attend_fn(self, n: int, device, backend: str = "flex", mask=None):
         """Attention over the tier's mask: "flex" (FlexAttention with `mask`, a BlockMask, or one built
-        and cached here) or "sdpa" (a dense boolean mask, for small n and CPU tests)."""
+        and cached here), "sdpa" (a dense boolean mask, for small n and CPU tests) or "drdiff" (the
+        library's kernels through drdiff.attention_op; CPU tensors in this build)."""
+        if backend == "drdiff":  # the library's own kernels, forward and backward (drdiff.attention_op)
+            if self.cfg.causal:
+                raise ValueError("the drdiff attention operator is bidirectional; a causal model uses flex or sdpa")
+            from .attention_op import hsa_attention
+
+            tiers = self.cfg.tiers
+
+            def attend(q, k, v):
+                return hsa_attention(q, k, v, tiers)
+
+            return attend
         if backend == "sdpa":
             tier = tier_for(self.cfg.tiers, n)
             m = mask_fn(tier, n, self.cfg.causal)(torch.arange(n, device=device).view(-1, 1),

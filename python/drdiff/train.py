@@ -133,11 +133,12 @@ def make_noisy(model: DrDiff, ids: torch.Tensor, prefix_frac: float, rate: float
 def denoise_loss(model: DrDiff, xt: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, target: torch.Tensor,
                  mask=None):
     """Cross-entropy of the categorical data prediction on the target positions. `mask`: a BlockMask
-    (FlexAttention) or the string "sdpa" (dense masks: CPU smoke runs)."""
+    (FlexAttention), or the string "sdpa" (dense masks: CPU smoke runs) or "drdiff" (the library's
+    attention operator)."""
     B, N = ids.shape
-    backend = "sdpa" if isinstance(mask, str) else "flex"
+    backend = mask if isinstance(mask, str) else "flex"
     with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=xt.device.type == "cuda"):
-        _, logits, aux = model(xt, t, None if backend == "sdpa" else mask, backend, want_x0=False)
+        _, logits, aux = model(xt, t, None if isinstance(mask, str) else mask, backend, want_x0=False)
     ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1), reduction="none").view(B, N)
     w = target.float()
     aux["seq_loss"] = ((ce * w).sum(1) / w.sum(1).clamp_min(1)).detach()  # per sequence, for TimeWarp
