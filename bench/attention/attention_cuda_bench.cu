@@ -13,6 +13,8 @@
 #include <random>
 #include <vector>
 
+#include <thrust/device_vector.h>
+
 #include "../support/cuda_event_timer.cuh"
 
 using namespace drdiff;
@@ -30,10 +32,10 @@ __global__ void fill_random(__nv_bfloat16* p, std::size_t n, unsigned seed) {
 }
 
 template <class T>
-struct device_array {
-  T* ptr = nullptr;
-  explicit device_array(std::size_t n) { DRDIFF_CUDA_CHECK(cudaMalloc(&ptr, std::max<std::size_t>(n, 1) * sizeof(T))); }
-  ~device_array() { cudaFree(ptr); }
+struct device_array {  // owned by Thrust; no fill is timed (the constructor runs before the loop)
+  thrust::device_vector<T> v;
+  T* ptr;
+  explicit device_array(std::size_t n) : v(std::max<std::size_t>(n, 1)), ptr(thrust::raw_pointer_cast(v.data())) {}
 };
 
 template <class Policy>
@@ -48,7 +50,7 @@ void run_attention(benchmark::State& state, Policy const& policy, int dim = 64) 
     fill_random<<<1024, 256>>>(v.ptr, elems, 3);
     auto a = make_attention_args<__nv_bfloat16>(q.ptr, k.ptr, v.ptr, o.ptr, 1, n, kHeads, dim);
     a.maybe_lse = lse.ptr;
-    context<cuda> const ctx{};
+    context<drdiff::cuda> const ctx{};
     std::size_t const ws_bytes = attention_workspace_bytes(ctx, policy, a);
     device_array<unsigned char> ws(ws_bytes);
     attention(ctx, policy, a, ws.ptr, ws_bytes);  // warm-up

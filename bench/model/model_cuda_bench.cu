@@ -13,6 +13,8 @@
 
 #include <memory>
 
+#include <thrust/device_vector.h>
+
 using namespace drdiff;
 
 namespace {
@@ -33,10 +35,8 @@ void forward(benchmark::State& state, Cfg const& cfg) {
   int const N = int(state.range(0));
   auto& m = instance(cfg);
   std::size_t const n = std::size_t(N) * cfg.sizes.embed_dim;
-  float *x = nullptr, *y = nullptr;
-  DRDIFF_CUDA_CHECK(cudaMalloc(&x, n * sizeof(float)));
-  DRDIFF_CUDA_CHECK(cudaMalloc(&y, n * sizeof(float)));
-  DRDIFF_CUDA_CHECK(cudaMemset(x, 0, n * sizeof(float)));
+  thrust::device_vector<float> xs(n, 0.f), ys(n);
+  float *x = thrust::raw_pointer_cast(xs.data()), *y = thrust::raw_pointer_cast(ys.data());
   model_timing split;
   m.forward(context<drdiff::cuda>{}, x, 0.5, y, 1, N);  // warm-up (allocations, cuBLAS heuristics)
   m.forward(context<drdiff::cuda>{}, x, 0.5, y, 1, N);
@@ -47,8 +47,6 @@ void forward(benchmark::State& state, Cfg const& cfg) {
   state.counters["attention_ms"] = split.attention * 1e3 / 3;
   state.counters["moe_ms"] = split.moe * 1e3 / 3;
   state.counters["dense_ms"] = split.dense * 1e3 / 3;
-  cudaFree(x);
-  cudaFree(y);
 }
 
 template <class Cfg>

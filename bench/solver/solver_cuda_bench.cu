@@ -5,6 +5,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include <thrust/device_vector.h>
+
 #include "../support/cuda_event_timer.cuh"
 
 using namespace drdiff;
@@ -15,14 +17,13 @@ constexpr std::size_t kN = std::size_t(1) << 24;
 
 struct state_buffers {
   float *x = nullptr, *m0 = nullptr, *m1 = nullptr, *m2 = nullptr;
+  thrust::device_vector<float> held[4];
   state_buffers() {
-    for (float** p : {&x, &m0, &m1, &m2}) {
-      DRDIFF_CUDA_CHECK(cudaMalloc(p, kN * sizeof(float)));
-      DRDIFF_CUDA_CHECK(cudaMemset(*p, 0, kN * sizeof(float)));
+    float** p[] = {&x, &m0, &m1, &m2};
+    for (int i = 0; i < 4; ++i) {
+      held[i].assign(kN, 0.f);
+      *p[i] = thrust::raw_pointer_cast(held[i].data());
     }
-  }
-  ~state_buffers() {
-    for (float* p : {x, m0, m1, m2}) cudaFree(p);
   }
 };
 
@@ -30,7 +31,7 @@ void BM_solver_update_cuda(benchmark::State& state) {
   int const terms = int(state.range(0));
   state_buffers b;
   solver::step_coefficients k{0.9, {0.1, terms >= 2 ? -0.05 : 0.0, terms == 3 ? 0.01 : 0.0}, terms == 4 ? 0.2 : 0.0, 1};
-  context<cuda> const ctx{};
+  context<drdiff::cuda> const ctx{};
   solver::update(ctx, k, b.x, b.m0, b.m1, b.m2, kN, solver::gaussian_noise{1}, 0);
   bench::cuda_event_timer timer;
   int step = 0;

@@ -17,6 +17,9 @@
 #include <cstdlib>
 #include <vector>
 
+#include <thrust/copy.h>
+#include <thrust/device_vector.h>
+
 using namespace drdiff;
 
 using my_config = model_config<custom::paragraphs, custom::threshold_router>;
@@ -50,14 +53,10 @@ int main(int argc, char** argv) {
     std::vector<float> x(elems), want(elems), got(elems);
     for (std::size_t i = 0; i < elems; ++i) x[i] = float(std::sin(0.37 * double(i)));
     host.forward(context<cpu>{}, x.data(), 0.5, want.data(), 1, n);
-    float *dx = nullptr, *dy = nullptr;
-    DRDIFF_CUDA_CHECK(cudaMalloc(&dx, elems * sizeof(float)));
-    DRDIFF_CUDA_CHECK(cudaMalloc(&dy, elems * sizeof(float)));
-    DRDIFF_CUDA_CHECK(cudaMemcpy(dx, x.data(), elems * sizeof(float), cudaMemcpyHostToDevice));
-    dev.forward(context<drdiff::cuda>{}, dx, 0.5, dy, 1, n);
-    DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, elems * sizeof(float), cudaMemcpyDeviceToHost));
-    cudaFree(dx);
-    cudaFree(dy);
+    thrust::device_vector<float> dx(x.begin(), x.end()), dy(elems);  // device memory owned by Thrust
+    dev.forward(context<drdiff::cuda>{}, thrust::raw_pointer_cast(dx.data()), 0.5, thrust::raw_pointer_cast(dy.data()), 1,
+                n);
+    thrust::copy(dy.begin(), dy.end(), got.begin());
     // bf16 arithmetic, and a token whose router probabilities sit at the threshold may pick another
     // expert set: report the share of tokens within 3e-2 of the largest output, and the worst one.
     double mag = 0;

@@ -13,6 +13,9 @@
 #include <random>
 #include <vector>
 
+#include <thrust/copy.h>
+#include <thrust/device_vector.h>
+
 using namespace drdiff;
 using Catch::Matchers::Contains;
 using gpu = drdiff::cuda;  // ::cuda (libcu++) is visible too
@@ -30,17 +33,15 @@ std::vector<T> randn(std::size_t n, unsigned seed, double scale = 1.0) {
 
 template <class T>
 struct dev {
+  thrust::device_vector<T> v;  // the memory, owned by Thrust
   T* p = nullptr;
   std::size_t n = 0;
-  explicit dev(std::size_t count) : n(count) { DRDIFF_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * std::max<std::size_t>(n, 1))); }
-  explicit dev(std::vector<T> const& h) : dev(h.size()) {
-    DRDIFF_CUDA_CHECK(cudaMemcpy(p, h.data(), sizeof(T) * n, cudaMemcpyHostToDevice));
-  }
+  explicit dev(std::size_t count) : v(std::max<std::size_t>(count, 1)), p(thrust::raw_pointer_cast(v.data())), n(count) {}
+  explicit dev(std::vector<T> const& h) : dev(h.size()) { thrust::copy(h.begin(), h.end(), v.begin()); }
   dev(dev const&) = delete;
-  ~dev() { cudaFree(p); }
   std::vector<T> host() const {
     std::vector<T> h(n);
-    DRDIFF_CUDA_CHECK(cudaMemcpy(h.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost));
+    thrust::copy(v.begin(), v.begin() + std::ptrdiff_t(n), h.begin());
     return h;
   }
 };

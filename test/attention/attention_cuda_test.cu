@@ -11,23 +11,27 @@
 #include <random>
 #include <vector>
 
+#include <thrust/copy.h>
+#include <thrust/device_vector.h>
+
 #include "../support/user_policies.hpp"
 
 using namespace drdiff;
 
 namespace {
 
+/// n elements of device memory, owned by Thrust (at least one, so ptr is never null).
 template <class T>
 struct dbuf {
-  T* ptr = nullptr;
-  std::size_t n = 0;
-  explicit dbuf(std::size_t count) : n(count) { DRDIFF_CUDA_CHECK(cudaMalloc(&ptr, std::max<std::size_t>(1, n) * sizeof(T))); }
-  ~dbuf() { cudaFree(ptr); }
+  thrust::device_vector<T> v;
+  T* ptr;
+  std::size_t n;
+  explicit dbuf(std::size_t count) : v(std::max<std::size_t>(1, count)), ptr(thrust::raw_pointer_cast(v.data())), n(count) {}
   dbuf(dbuf const&) = delete;
-  void upload(std::vector<T> const& h) { DRDIFF_CUDA_CHECK(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice)); }
+  void upload(std::vector<T> const& h) { thrust::copy(h.begin(), h.begin() + std::ptrdiff_t(n), v.begin()); }
   std::vector<T> download() const {
     std::vector<T> h(n);
-    DRDIFF_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    thrust::copy(v.begin(), v.begin() + std::ptrdiff_t(n), h.begin());
     return h;
   }
 };
@@ -79,7 +83,7 @@ void compare_with(Policy const& policy, RefPolicy const& ref_policy, int batch, 
   a.maybe_lse = reinterpret_cast<typename attention_args<T>::lse_type*>(dlse.ptr);
   a.maybe_kv_lens = padded ? dlens.ptr : nullptr;
   a.softmax_scale = scale;
-  context<cuda> const ctx{};
+  context<drdiff::cuda> const ctx{};
   std::size_t const ws_bytes = attention_workspace_bytes(ctx, policy, a);
   dbuf<unsigned char> ws(ws_bytes);
   attention(ctx, policy, a, ws.ptr, ws_bytes);
@@ -241,7 +245,7 @@ std::pair<std::vector<float>, std::vector<float>> run_with_nan(Policy const& pol
   dq.upload(h[0]); dk.upload(h[1]); dv.upload(h[2]);
   auto a = make_attention_args<T>(dq.ptr, dk.ptr, dv.ptr, dout.ptr, 1, n, heads, dim);
   a.maybe_lse = reinterpret_cast<typename attention_args<T>::lse_type*>(dlse.ptr);
-  context<cuda> const ctx{};
+  context<drdiff::cuda> const ctx{};
   std::size_t const ws_bytes = attention_workspace_bytes(ctx, policy, a);
   dbuf<unsigned char> ws(ws_bytes);
   attention(ctx, policy, a, ws.ptr, ws_bytes);
@@ -293,12 +297,12 @@ TEST_CASE("CUDA attention rejects what it cannot run", "[attention][errors][cuda
   auto args = [&](int off, int n, int d) {
     return make_attention_args<__nv_bfloat16>(buf.ptr + off, buf.ptr + e, buf.ptr + 2 * e, buf.ptr + 3 * e, 1, n, 1, d);
   };
-  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::dense{}, args(0, 100, 96)), Contains("head_dim = 96"));
-  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::dense{}, args(1, 50, 64)), Contains("16-byte aligned"));
-  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::local_window{8} | attn::global_tokens::first(4), args(0, 100, 64)),
+  REQUIRE_THROWS_WITH(attention(context<drdiff::cuda>{}, attn::dense{}, args(0, 100, 96)), Contains("head_dim = 96"));
+  REQUIRE_THROWS_WITH(attention(context<drdiff::cuda>{}, attn::dense{}, args(1, 50, 64)), Contains("16-byte aligned"));
+  REQUIRE_THROWS_WITH(attention(context<drdiff::cuda>{}, attn::local_window{8} | attn::global_tokens::first(4), args(0, 100, 64)),
                       Contains("bytes of workspace"));
-  REQUIRE_THROWS_WITH(attention(context<cuda>{}, attn::dense{}, args(0, 1 << 29, 64)), Contains("seq = 536870912"));
-  REQUIRE_NOTHROW(attention(context<cuda>{}, attn::dense{}, args(0, 100, 64)));  // one pass: no workspace needed
+  REQUIRE_THROWS_WITH(attention(context<drdiff::cuda>{}, attn::dense{}, args(0, 1 << 29, 64)), Contains("seq = 536870912"));
+  REQUIRE_NOTHROW(attention(context<drdiff::cuda>{}, attn::dense{}, args(0, 100, 64)));  // one pass: no workspace needed
   DRDIFF_CUDA_CHECK(cudaDeviceSynchronize());
 }
 

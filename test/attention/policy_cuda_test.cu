@@ -8,6 +8,8 @@
 #include <climits>
 #include <vector>
 
+#include <thrust/device_vector.h>
+
 using namespace drdiff;
 
 namespace {
@@ -41,12 +43,9 @@ __global__ void enumerate_kernel(attn::pattern p, int pass, unsigned* counts) {
 
 template <class T>
 struct device_buffer {
-  T* ptr = nullptr;
-  explicit device_buffer(std::size_t n) {
-    DRDIFF_CUDA_CHECK(cudaMalloc(&ptr, n * sizeof(T)));
-    DRDIFF_CUDA_CHECK(cudaMemset(ptr, 0, n * sizeof(T)));
-  }
-  ~device_buffer() { cudaFree(ptr); }
+  thrust::device_vector<T> v;  // zero-filled, owned by Thrust
+  T* ptr;
+  explicit device_buffer(std::size_t n) : v(n), ptr(thrust::raw_pointer_cast(v.data())) {}
 };
 
 }  // namespace

@@ -12,10 +12,13 @@
 
 #include <atomic>
 #include <cstring>
+#include <list>
 #include <memory>
 #include <random>
 #include <thread>
 #include <vector>
+
+#include <thrust/device_vector.h>
 
 using namespace drdiff;
 using gpu = drdiff::cuda;
@@ -23,12 +26,11 @@ using gpu = drdiff::cuda;
 namespace {
 
 
+/// A device copy of h, owned by Thrust in `store` for the test case (a list: stable addresses).
 template <class T>
-T* device_copy(std::vector<T> const& h) {
-  T* p = nullptr;
-  DRDIFF_CUDA_CHECK(cudaMalloc(&p, h.size() * sizeof(T)));
-  DRDIFF_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
+T* device_copy(std::list<thrust::device_vector<T>>& store, std::vector<T> const& h) {
+  store.emplace_back(h.begin(), h.end());
+  return thrust::raw_pointer_cast(store.back().data());
 }
 
 template <class T>
@@ -51,21 +53,22 @@ TEST_CASE("CUDA attention on 4 streams from 4 threads equals sequential calls, b
   std::size_t const elems = std::size_t(n) * heads * dim;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd;
+  std::list<thrust::device_vector<__nv_bfloat16>> store;
   std::vector<__nv_bfloat16*> q(4), k(4), v(4), o(4);
   for (int i = 0; i < 4; ++i) {
     std::vector<__nv_bfloat16> h(elems);
     for (auto* d : {&q[i], &k[i], &v[i]}) {
       for (auto& x : h) x = __float2bfloat16(nd(rng));
-      *d = device_copy(h);
+      *d = device_copy(store, h);
     }
-    o[i] = device_copy(std::vector<__nv_bfloat16>(elems, __float2bfloat16(0.f)));
+    o[i] = device_copy(store, std::vector<__nv_bfloat16>(elems, __float2bfloat16(0.f)));
   }
   attn::hsa const policy{};
   auto run = [&](int i, cudaStream_t st) {
     context<gpu> ctx{reinterpret_cast<CUstream_st*>(st)};
     auto a = make_attention_args(q[i], k[i], v[i], o[i], 1, n, heads, dim);
     std::size_t const bytes = attention_workspace_bytes(ctx, policy, a);
-    void* ws = nullptr;
+    void* ws = nullptr;  // stream-ordered, on this thread's stream (what a Thrust vector does not do)
     DRDIFF_CUDA_CHECK(cudaMallocAsync(&ws, std::max<std::size_t>(bytes, 1), st));
     attention(ctx, policy, a, ws, bytes);
     DRDIFF_CUDA_CHECK(cudaFreeAsync(ws, st));
@@ -84,8 +87,6 @@ TEST_CASE("CUDA attention on 4 streams from 4 threads equals sequential calls, b
     DRDIFF_CUDA_CHECK(cudaStreamDestroy(st));
   });
   for (int i = 0; i < 4; ++i) CHECK(same_bits(host_copy(o[i], elems), seq[i]));
-  for (int i = 0; i < 4; ++i)
-    for (auto* p : {q[i], k[i], v[i], o[i]}) cudaFree(p);
 }
 
 TEST_CASE("the CUDA model forward from 4 threads (own stream and model each) equals sequential calls",
@@ -100,12 +101,13 @@ TEST_CASE("the CUDA model forward from 4 threads (own stream and model each) equ
   std::size_t const sz = std::size_t(n) * de;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd;
+  std::list<thrust::device_vector<float>> store;
   std::vector<float*> xt(4), x0(4);
   for (int i = 0; i < 4; ++i) {
     std::vector<float> h(sz);
     for (auto& x : h) x = nd(rng);
-    xt[i] = device_copy(h);
-    x0[i] = device_copy(std::vector<float>(sz, 0.f));
+    xt[i] = device_copy(store, h);
+    x0[i] = device_copy(store, std::vector<float>(sz, 0.f));
   }
   std::vector<std::vector<float>> seq(4), par(4);
   {
@@ -128,8 +130,4 @@ TEST_CASE("the CUDA model forward from 4 threads (own stream and model each) equ
     DRDIFF_CUDA_CHECK(cudaStreamDestroy(st));
   });
   for (int i = 0; i < 4; ++i) CHECK(par[i] == seq[i]);
-  for (int i = 0; i < 4; ++i) {
-    cudaFree(xt[i]);
-    cudaFree(x0[i]);
-  }
 }

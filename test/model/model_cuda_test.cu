@@ -19,6 +19,9 @@
 #include <random>
 #include <vector>
 
+#include <thrust/copy.h>
+#include <thrust/device_vector.h>
+
 using namespace drdiff;
 using gpu = drdiff::cuda;
 
@@ -40,15 +43,11 @@ std::vector<double> compare_forward(Cfg const& cfg, int batch, int seq, unsigned
   std::normal_distribution<float> nd(0.f, 1.f);
   for (auto& e : x) e = nd(rng);
   c.forward(context<cpu>{2}, x.data(), 0.41, want.data(), batch, seq);
-  float *dx = nullptr, *dy = nullptr;
-  DRDIFF_CUDA_CHECK(cudaMalloc(&dx, n * sizeof(float)));
-  DRDIFF_CUDA_CHECK(cudaMalloc(&dy, n * sizeof(float)));
-  DRDIFF_CUDA_CHECK(cudaMemcpy(dx, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  thrust::device_vector<float> dx(x.begin(), x.end()), dy(n);
   model_timing tm;
-  g.forward(context<gpu>{}, dx, 0.41, dy, batch, seq, &tm);
-  DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, n * sizeof(float), cudaMemcpyDeviceToHost));
-  cudaFree(dx);
-  cudaFree(dy);
+  g.forward(context<gpu>{}, thrust::raw_pointer_cast(dx.data()), 0.41, thrust::raw_pointer_cast(dy.data()), batch, seq,
+            &tm);
+  thrust::copy(dy.begin(), dy.end(), got.begin());
   CHECK(tm.attention > 0);
   CHECK(tm.moe > 0);
   double mag = 0;
@@ -155,14 +154,10 @@ TEST_CASE("the shipped checkpoint's GPU forward matches PyTorch's golden tensors
     f.read("xt." + tag, {n, de}, xt.data());
     f.read("x0." + tag, {n, de}, ref.data());
     f.read("t." + tag, {1}, tv.data());
-    float *dx = nullptr, *dy = nullptr;
-    DRDIFF_CUDA_CHECK(cudaMalloc(&dx, sz * sizeof(float)));
-    DRDIFF_CUDA_CHECK(cudaMalloc(&dy, sz * sizeof(float)));
-    DRDIFF_CUDA_CHECK(cudaMemcpy(dx, xt.data(), sz * sizeof(float), cudaMemcpyHostToDevice));
-    g.forward(context<gpu>{}, dx, double(tv[0]), dy, 1, n);
-    DRDIFF_CUDA_CHECK(cudaMemcpy(got.data(), dy, sz * sizeof(float), cudaMemcpyDeviceToHost));
-    cudaFree(dx);
-    cudaFree(dy);
+    thrust::device_vector<float> dx(xt.begin(), xt.begin() + std::ptrdiff_t(sz)), dy(sz);
+    g.forward(context<gpu>{}, thrust::raw_pointer_cast(dx.data()), double(tv[0]), thrust::raw_pointer_cast(dy.data()),
+              1, n);
+    thrust::copy(dy.begin(), dy.end(), got.begin());
     double num = 0, den = 0;
     for (std::size_t i = 0; i < sz; ++i) {
       num += double(got[i] - ref[i]) * (got[i] - ref[i]);

@@ -9,8 +9,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <list>
 #include <random>
 #include <vector>
+
+#include <thrust/device_vector.h>
 
 using namespace drdiff;
 using namespace drdiff::router;
@@ -68,26 +71,21 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   moe_stats st;
   moe_forward(context<cpu>{}, r, a, &st);
 
-  std::vector<void*> owned;
+  std::list<thrust::device_vector<unsigned char>> owned;  // device memory owned by Thrust (stable addresses)
+  auto upload = [&](void const* src, std::size_t bytes) {
+    auto const* b = static_cast<unsigned char const*>(src);
+    owned.emplace_back(b, b + bytes);
+    return static_cast<void*>(thrust::raw_pointer_cast(owned.back().data()));
+  };
   auto dev = [&](std::vector<float> const& h) {
     std::vector<T> t(h.begin(), h.end());
-    T* p = nullptr;
-    DRDIFF_CUDA_CHECK(cudaMalloc(&p, t.size() * sizeof(T)));
-    DRDIFF_CUDA_CHECK(cudaMemcpy(p, t.data(), t.size() * sizeof(T), cudaMemcpyHostToDevice));
-    owned.push_back(p);
-    return p;
+    return static_cast<T*>(upload(t.data(), t.size() * sizeof(T)));
   };
   T *dx = dev(x), *dwr = dev(wr), *dup = dev(up), *dgate = dev(gate), *ddown = dev(down);
   T* dout = dev(std::vector<float>(std::size_t(T_) * d, std::nanf("")));
   T *dsup = dev(sup), *dsgate = dev(sgate), *dsdown = dev(sdown);
-  float* dbr = nullptr;
-  DRDIFF_CUDA_CHECK(cudaMalloc(&dbr, br.size() * sizeof(float)));
-  DRDIFF_CUDA_CHECK(cudaMemcpy(dbr, br.data(), br.size() * sizeof(float), cudaMemcpyHostToDevice));
-  owned.push_back(dbr);
-  float* dscores = nullptr;
-  DRDIFF_CUDA_CHECK(cudaMalloc(&dscores, scores.size() * sizeof(float)));
-  DRDIFF_CUDA_CHECK(cudaMemcpy(dscores, scores.data(), scores.size() * sizeof(float), cudaMemcpyHostToDevice));
-  owned.push_back(dscores);
+  auto* dbr = static_cast<float*>(upload(br.data(), br.size() * sizeof(float)));
+  auto* dscores = static_cast<float*>(upload(scores.data(), scores.size() * sizeof(float)));
   cublasHandle_t handle;
   REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS);
   cuda_moe_args<T> g;
@@ -106,16 +104,13 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   float* dres = nullptr;
   if (residual) {
     for (auto& v : base) v = nd(rng);
-    DRDIFF_CUDA_CHECK(cudaMalloc(&dres, base.size() * sizeof(float)));
-    DRDIFF_CUDA_CHECK(cudaMemcpy(dres, base.data(), base.size() * sizeof(float), cudaMemcpyHostToDevice));
-    owned.push_back(dres);
+    dres = static_cast<float*>(upload(base.data(), base.size() * sizeof(float)));
     g.residual = dres;
     g.out = nullptr;
   }
   std::size_t const bytes = moe_workspace_bytes(r, g);
-  void* ws = nullptr;
-  DRDIFF_CUDA_CHECK(cudaMalloc(&ws, bytes));
-  owned.push_back(ws);
+  owned.emplace_back(std::max<std::size_t>(bytes, 1));
+  void* ws = thrust::raw_pointer_cast(owned.back().data());
   std::vector<int> per_expert;
   moe_stats gs;
   int const dropped = moe_forward(context<drdiff::cuda>{}, r, g, ws, bytes, &per_expert, nullptr, &gs);  // ::cuda: libcu++
@@ -147,7 +142,6 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   c.cpu_stats = st;
   c.gpu_stats = gs;
   cublasDestroy(handle);
-  for (void* p : owned) cudaFree(p);
   return c;
 }
 

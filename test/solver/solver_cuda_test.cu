@@ -10,6 +10,8 @@
 #include <random>
 #include <vector>
 
+#include <thrust/device_vector.h>
+
 using namespace drdiff;
 
 TEST_CASE("the CUDA solver update equals the CPU update", "[solver][update][cuda]") {
@@ -19,11 +21,10 @@ TEST_CASE("the CUDA solver update equals the CPU update", "[solver][update][cuda
   std::vector<float> x(n), m0(n), m1(n), m2(n);
   for (auto* v : {&x, &m0, &m1, &m2})
     for (auto& e : *v) e = nd(rng);
-  float *dx, *dm0, *dm1, *dm2;
-  for (auto [d, h] : {std::pair{&dx, &x}, std::pair{&dm0, &m0}, std::pair{&dm1, &m1}, std::pair{&dm2, &m2}}) {
-    DRDIFF_CUDA_CHECK(cudaMalloc(d, n * sizeof(float)));
-    DRDIFF_CUDA_CHECK(cudaMemcpy(*d, h->data(), n * sizeof(float), cudaMemcpyHostToDevice));
-  }
+  thrust::device_vector<float> held[4] = {{x.begin(), x.end()}, {m0.begin(), m0.end()}, {m1.begin(), m1.end()},
+                                           {m2.begin(), m2.end()}};
+  float *dx = thrust::raw_pointer_cast(held[0].data()), *dm0 = thrust::raw_pointer_cast(held[1].data()),
+        *dm1 = thrust::raw_pointer_cast(held[2].data()), *dm2 = thrust::raw_pointer_cast(held[3].data());
   solver::gaussian_noise const noise{42};
   solver::step_coefficients const cases[] = {
       {0.9, {0.1, 0, 0}, 0, 1},    {0.8, {0.3, -0.1, 0}, 0, 2}, {0.7, {0.5, -0.4, 0.2}, 0, 3},
@@ -35,7 +36,7 @@ TEST_CASE("the CUDA solver update equals the CPU update", "[solver][update][cuda
     std::vector<float> on_cpu = x;
     solver::update(context<cpu>{}, k, on_cpu.data(), m0.data(), m1.data(), m2.data(), n, noise, step);
     DRDIFF_CUDA_CHECK(cudaMemcpy(dx, x.data(), n * sizeof(float), cudaMemcpyHostToDevice));
-    solver::update(context<cuda>{}, k, dx, dm0, dm1, dm2, n, noise, step);
+    solver::update(context<drdiff::cuda>{}, k, dx, dm0, dm1, dm2, n, noise, step);
     std::vector<float> gpu(n);
     DRDIFF_CUDA_CHECK(cudaMemcpy(gpu.data(), dx, n * sizeof(float), cudaMemcpyDeviceToHost));
     double worst = 0;
@@ -44,5 +45,4 @@ TEST_CASE("the CUDA solver update equals the CPU update", "[solver][update][cuda
     INFO("case a = " << k.a << " b = " << k.b[0] << ", " << k.b[1] << ", " << k.b[2] << " c = " << k.c);
     REQUIRE(worst <= 1e-6);
   }
-  for (float* d : {dx, dm0, dm1, dm2}) cudaFree(d);
 }
