@@ -10,6 +10,7 @@
 #include <drdiff/attention/args.hpp>
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/attention/block_segments.hpp>
+#include <drdiff/attention/distributed.hpp>
 #include <drdiff/attention/policies.hpp>
 #include <drdiff/core/backend.hpp>
 #include <drdiff/core/config.hpp>
