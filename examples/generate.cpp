@@ -220,9 +220,14 @@ int main(int argc, char** argv) {
                  cfg.router.k, sz.vocab, tier, (long long)N, tier_text.c_str(), need / 1e6, weights_bytes / 1e6,
                  avail > 0 ? (", " + std::to_string(long(avail / 1e6)) + " MB available").c_str() : "");
     std::fflush(stderr);
+    if (o.max_memory_mb > 0) {  // the user's cap, below what the kernel reports
+      double const cap = double(o.max_memory_mb) * 1e6;
+      avail = avail > 0 ? std::min(avail, cap) : cap;
+    }
     DRDIFF_CHECK(o.backend != "cpu" || avail <= 0 || to_come <= avail, "drdiff-generate: this request needs about ",
                  long(to_come / 1e6), " MB more memory (", long(need / 1e6), " MB in all, the weights included) but ",
-                 long(avail / 1e6), " MB are available: ask for fewer tokens (--length) or free memory");
+                 long(avail / 1e6), " MB are available", o.max_memory_mb > 0 ? " (--max-memory-mb)" : "",
+                 ": ask for fewer tokens (--length) or free memory");
     // The progress bar: redrawn every 0.25 s from the start (elapsed time), with the step count the
     // sampler reports after each step.
     bool const bar = o.progress || isatty(STDERR_FILENO);

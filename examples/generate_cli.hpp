@@ -11,6 +11,7 @@ namespace drdiff::examples::generate {
 struct options {
   std::string preset = "small", weights, solver, prompt, vocab, backend = "cpu", save, model;
   int length = 256, steps = 0, threads = 0;
+  long long max_memory_mb = 0;
   unsigned long long seed = 0;
   bool guidance = false, progress = false, raw = false, timing = false, echo = true, list = false;
   double guidance_lambda = 0.0;
@@ -44,6 +45,9 @@ inline void add_options(CLI::App& app, options& o) {
   app.add_option("--threads", o.threads, "CPU workers (0: the hardware's count; more is capped at it)")
       ->check(integer_in(0, 1 << 16));
   app.add_option("--backend", o.backend, "cpu, or cuda in a build with nvcc")->check(one_of({"cpu", "cuda"}));
+  app.add_option("--max-memory-mb", o.max_memory_mb, "on the CPU, refuse a request whose memory still to allocate "
+                                                     "exceeds this many MB (0: the kernel's MemAvailable)")
+      ->check(integer_in(0, 1ll << 40));
   app.add_option("--save-weights", o.save, "write the model's weights (F32 safetensors) to this file");
   app.add_flag("--progress", o.progress, "a progress bar on stderr (always on a terminal)");
   app.add_flag("--timing", o.timing, "on the GPU, time each component with CUDA events (synchronises; slower)");
