@@ -108,14 +108,14 @@ def _(q, k, v, tiers, scale, kv_lens):
 
 @torch.library.custom_op("drdiff::hsa_attention_backward", mutates_args=())
 def _backward_op(d_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, tiers: list[int], scale: float,
-                 kv_lens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = extension().hsa_attention_backward(d_o, q, k, v, o, lse, tiers, scale, kv_lens)
+                 lse: torch.Tensor, tiers: list[int], scale: float, kv_lens: Optional[torch.Tensor],
+                 d_lse: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = extension().hsa_attention_backward(d_o, q, k, v, o, lse, tiers, scale, kv_lens, d_lse)
     return dq, dk, dv
 
 
 @_backward_op.register_fake
-def _(d_o, q, k, v, o, lse, tiers, scale, kv_lens):
+def _(d_o, q, k, v, o, lse, tiers, scale, kv_lens, d_lse):
     return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
 
 
@@ -124,12 +124,13 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.tiers, ctx.scale, ctx.kv_lens = tiers, scale, kv_lens
-    ctx.mark_non_differentiable(lse)
 
 
-def _autograd(ctx, d_o, _d_lse):
+def _autograd(ctx, d_o, d_lse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(d_o.contiguous(), q, k, v, o, lse, ctx.tiers, ctx.scale, ctx.kv_lens)
+    d_o = torch.zeros_like(o) if d_o is None else d_o.contiguous()
+    d_lse = None if d_lse is None else d_lse.contiguous()
+    dq, dk, dv = _backward_op(d_o, q, k, v, o, lse, ctx.tiers, ctx.scale, ctx.kv_lens, d_lse)
     return dq, dk, dv, None, None, None
 
 
@@ -140,8 +141,8 @@ def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiers: Sequ
                   scale: float = 0.0, kv_lens: Optional[torch.Tensor] = None, return_lse: bool = False):
     """softmax(q·kᵀ·scale + mask)·v for q, k, v of shape [B, H, N, D] (last stride 1), the mask being
     the tier of `tiers` for N (bidirectional). `scale` 0 means 1/√D. `kv_lens` [B] (optional): keys
-    at or past each batch's length are masked. With `return_lse`, also the log-sum-exp [B, H, N]
-    (no gradient flows through it)."""
+    at or past each batch's length are masked. With `return_lse`, also the natural-log log-sum-exp
+    [B, H, N] of the scaled scores (differentiable too)."""
     o, lse = _forward(q, k, v, flatten_tiers(tiers), float(scale), kv_lens)
     return (o, lse) if return_lse else o
 

@@ -62,6 +62,25 @@ def test_padded_batches_strided_inputs_and_the_default_table():
     assert torch.allclose(op.hsa_attention(qs, ks, vs, default_tiers()), sdpa(qs, ks, vs, default_tiers()), atol=1e-10)
 
 
+def test_the_lse_and_its_gradient():
+    q, k, v = inputs(1, 2, 300, 32, torch.float64, seed=5)
+    g, h = torch.randn(1, 2, 300, 32, dtype=torch.float64), torch.randn(1, 2, 300, dtype=torch.float64)
+    o, lse = op.hsa_attention(q, k, v, SMALL, return_lse=True)
+    m = dense_mask(tier_for(SMALL, 300), 300)
+    s = (q @ k.transpose(-1, -2) / 32 ** 0.5).masked_fill(~m, float("-inf"))
+    lse_ref = torch.logsumexp(s, -1)
+    o_ref = s.softmax(-1) @ v
+    assert torch.allclose(lse, lse_ref, atol=1e-12) and torch.allclose(o, o_ref, atol=1e-12)
+    got = torch.autograd.grad((o * g).sum() + (lse * h).sum(), (q, k, v), retain_graph=True)
+    want = torch.autograd.grad((o_ref * g).sum() + (lse_ref * h).sum(), (q, k, v), retain_graph=True)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-10)
+    only_lse = torch.autograd.grad(lse.sum(), (q, k), allow_unused=True)  # o unused: dO is zero
+    ref_lse = torch.autograd.grad(lse_ref.sum(), (q, k))
+    for x, y in zip(only_lse, ref_lse):
+        assert torch.allclose(x, y, atol=1e-10)
+
+
 def test_gradcheck_in_float64():
     q, k, v = inputs(1, 2, 24, 32, torch.float64, seed=3)
     tiers = op.single_tier(window=3, rate=4, span=12, globals_count=2)

@@ -91,19 +91,26 @@ void check(Policy const& policy, int batch, int n, int heads, int dim, bool padd
 }  // namespace
 
 TEST_CASE("the gradients' reference agrees with finite differences", "[attention][backward][cpu]") {
-  // L = Σ O ∘ G, so ∂L/∂x by central differences of the float64 forward reference.
+  // L = Σ O ∘ G + Σ lse ∘ H, so ∂L/∂x by central differences of the float64 forward reference.
   auto const seed = test::fresh_seed();
   INFO("seed " << seed);
   auto const policy = attn::local_window{5} | attn::dilated{3, 12} | attn::global_tokens::first(2);
   grad_problem<double> gp(2, 23, 2, 32, seed);
   gp.p.kv_lens = {23, 17};
-  attention_backward_reference(policy, gp.args());
+  std::mt19937_64 hr(seed + 1);
+  std::normal_distribution<double> hn(0.0, 1.0);
+  std::vector<double> hl(gp.p.lse.size());
+  for (auto& x : hl) x = hn(hr);
+  auto ba = gp.args();
+  ba.maybe_d_lse = hl.data();
+  attention_backward_reference(policy, ba);
   auto loss = [&] {
     std::vector<double> o, lse;
     auto a = gp.p.args_into(o, lse);
     attention_reference(policy, a);
     double l = 0;
     for (std::size_t i = 0; i < o.size(); ++i) l += o[i] * gp.g[i];
+    for (std::size_t i = 0; i < lse.size(); ++i) l += lse[i] * hl[i];
     return l;
   };
   std::mt19937_64 rng(seed);
@@ -154,6 +161,30 @@ TEMPLATE_TEST_CASE("attention_backward on every hsa tier and padded batches", "[
   for (int n : {40, 65, 200, 256, 601, 1111}) check<TestType>(h, 1, n, 2, 64);
   check<TestType>(h, 3, 700, 2, 32, true);
   check<TestType>(attn::hsa{}, 1, 1500, 1, 64);  // the default table's second tier
+}
+
+TEMPLATE_TEST_CASE("the gradient of the lse enters dS as in the reference", "[attention][backward][cpu]", float,
+                   double) {
+  auto const policy = test::small_tiers();
+  auto const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  grad_problem<TestType> gp(2, 400, 2, 64, seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<TestType> dl(gp.p.lse.size());
+  for (auto& x : dl) x = TestType(nd(rng));
+  attention(context<cpu>{2}, policy, gp.p.args());
+  auto a = gp.args();
+  a.maybe_d_lse = dl.data();
+  attention_backward(context<cpu>{2}, policy, a);
+  auto const dq = gp.dq, dk = gp.dk, dv = gp.dv;
+  gp.poison();
+  attention_backward_reference(policy, a);
+  CHECK(rel_error(gp.p, dq, gp.dq) <= grad_tolerance<TestType>());
+  CHECK(rel_error(gp.p, dk, gp.dk) <= grad_tolerance<TestType>());
+  CHECK(rel_error(gp.p, dv, gp.dv) <= grad_tolerance<TestType>());  // dV does not depend on it
+  a.maybe_d_lse = gp.dq.data();  // an input inside an output
+  REQUIRE_THROWS_WITH(attention_backward(context<cpu>{2}, policy, a), Contains("dq overlaps d_lse"));
 }
 
 TEST_CASE("attention_backward is deterministic whatever the thread count", "[attention][backward][cpu]") {

@@ -19,7 +19,8 @@ DRDIFF_NAMESPACE_BEGIN
 /// One backward call. `fwd` holds what the forward was called with, plus its results: `fwd.o`
 /// (read here, not written) and `fwd.maybe_lse`, which is required. dO, dQ, dK and dV are
 /// [batch, seq, heads, head_dim] with their own strides. kv_lens and softmax_scale are the
-/// forward's. Memory is host memory for drdiff::cpu.
+/// forward's. `maybe_d_lse` (optional, packed [batch, heads, seq] like the lse) is ∂L/∂lse when the
+/// loss also uses the log-sum-exp: it adds P·d_lse to dS. Memory is host memory for drdiff::cpu.
 template <class T>
 struct attention_backward_args {
   attention_args<T> fwd{};
@@ -28,6 +29,7 @@ struct attention_backward_args {
   T* dk = nullptr;
   T* dv = nullptr;
   tensor_strides do_strides{}, dq_strides{}, dk_strides{}, dv_strides{};
+  typename attention_args<T>::lse_type const* maybe_d_lse = nullptr;
 };
 
 /// Arguments for packed tensors of shape [batch, seq, heads, head_dim].
@@ -63,16 +65,17 @@ void validate(attention_backward_args<T> const& a, bool host_lens = true) {
     return detail::byte_span<T>(p, s, f.batch, f.seq, f.heads, f.head_dim);
   };
   auto const l0 = reinterpret_cast<std::uintptr_t>(f.maybe_lse);
-  span const in[6] = {sp(f.q, f.q_strides), sp(f.k, f.k_strides), sp(f.v, f.v_strides), sp(f.o, f.o_strides),
-                      sp(a.d_o, a.do_strides),
-                      {l0, l0 + std::uint64_t(f.batch) * f.heads * f.seq * sizeof(*f.maybe_lse)}};
-  char const* const in_names[6] = {"q", "k", "v", "o", "d_o", "lse"};
+  auto const dl0 = reinterpret_cast<std::uintptr_t>(a.maybe_d_lse);
+  std::uint64_t const lse_bytes = std::uint64_t(f.batch) * f.heads * f.seq * sizeof(*f.maybe_lse);
+  span const in[7] = {sp(f.q, f.q_strides), sp(f.k, f.k_strides), sp(f.v, f.v_strides), sp(f.o, f.o_strides),
+                      sp(a.d_o, a.do_strides), {l0, l0 + lse_bytes}, {dl0, dl0 ? dl0 + lse_bytes : dl0}};
+  char const* const in_names[7] = {"q", "k", "v", "o", "d_o", "lse", "d_lse"};
   span const out[3] = {sp(a.dq, a.dq_strides), sp(a.dk, a.dk_strides), sp(a.dv, a.dv_strides)};
   char const* const out_names[3] = {"dq", "dk", "dv"};
   for (int x = 0; x < 3; ++x) {
     DRDIFF_CHECK(out[x].second >= out[x].first, "attention_backward: ", out_names[x],
                  " spans more bytes than the address space holds");
-    for (int y = 0; y < 6; ++y)
+    for (int y = 0; y < 7; ++y)
       DRDIFF_CHECK(!detail::overlaps(out[x], in[y]), "attention_backward: ", out_names[x], " overlaps ", in_names[y],
                    " (gradients are written while the inputs are read)");
     for (int y = 0; y < x; ++y)

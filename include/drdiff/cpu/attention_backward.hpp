@@ -88,14 +88,16 @@ struct attention_backward_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float>
     T const scale = T(f.scale());
     parallel_for(lay.threads, std::int64_t(f.batch) * H, [&](std::int64_t item, int worker) {
       int const b = int(item / H), h = int(item % H);
-      // D = rowsum(dO ∘ O); the gradients start at zero.
+      // D = rowsum(dO ∘ O) − ∂L/∂lse (the lse's own gradient enters dS = P ∘ (dP − D) there); the
+      // gradients start at zero.
       T* const drow = d_all + item * N;
+      T const* const dlse = a.maybe_d_lse ? a.maybe_d_lse + item * N : nullptr;
       for (int i = 0; i < N; ++i) {
         T const* o = f.o + b * f.o_strides.batch + i * f.o_strides.seq + h * f.o_strides.head;
         T const* g = a.d_o + b * a.do_strides.batch + i * a.do_strides.seq + h * a.do_strides.head;
         T s = 0;
         for (int d = 0; d < D; ++d) s += g[d] * o[d];
-        drow[i] = s;
+        drow[i] = dlse ? s - dlse[i] : s;
         std::fill_n(a.dq + b * a.dq_strides.batch + i * a.dq_strides.seq + h * a.dq_strides.head, D, T(0));
         std::fill_n(a.dk + b * a.dk_strides.batch + i * a.dk_strides.seq + h * a.dk_strides.head, D, T(0));
         std::fill_n(a.dv + b * a.dv_strides.batch + i * a.dv_strides.seq + h * a.dv_strides.head, D, T(0));

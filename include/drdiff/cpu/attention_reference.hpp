@@ -114,7 +114,8 @@ void attention_backward_reference(Policy const& policy, attention_backward_args<
         double sum = 0;
         for (int j = 0; j < L; ++j)
           if (s[j] != neg_inf) sum += std::exp(s[j] - mx);
-        double dsum = 0;  // D = Σ_j P_ij dP_ij = rowsum(dO ∘ O)
+        // D = Σ_j P_ij dP_ij = rowsum(dO ∘ O), less ∂L/∂lse_i when the loss uses the lse
+        double dsum = a.maybe_d_lse ? -double(a.maybe_d_lse[item * N + i]) : 0.0;
         for (int j = 0; j < L; ++j) {
           if (s[j] == neg_inf) continue;
           s[j] = std::exp(s[j] - mx) / sum;  // now P_ij

@@ -115,10 +115,12 @@ std::vector<torch::Tensor> hsa_attention(torch::Tensor q, torch::Tensor k, torch
   return {o, lse};
 }
 
-/// (dq, dk, dv) for the forward's inputs, its (o, lse) and the output gradient d_o.
+/// (dq, dk, dv) for the forward's inputs, its (o, lse), the output gradient d_o and, when the loss
+/// also uses the lse, its gradient d_lse.
 std::vector<torch::Tensor> hsa_attention_backward(torch::Tensor d_o, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                   torch::Tensor o, torch::Tensor lse, std::vector<int64_t> tiers,
-                                                  double scale, c10::optional<torch::Tensor> kv_lens) {
+                                                  double scale, c10::optional<torch::Tensor> kv_lens,
+                                                  c10::optional<torch::Tensor> d_lse) {
   check_tensor(q, "q", q);
   check_tensor(k, "k", q);
   check_tensor(v, "v", q);
@@ -128,6 +130,11 @@ std::vector<torch::Tensor> hsa_attention_backward(torch::Tensor d_o, torch::Tens
                   lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
               "drdiff.hsa_attention_backward: lse must be a contiguous [B, H, N] tensor of q's dtype, got ",
               lse.sizes());
+  bool const has_dlse = d_lse && d_lse->defined();
+  if (has_dlse)
+    TORCH_CHECK(d_lse->scalar_type() == lse.scalar_type() && d_lse->sizes() == lse.sizes() && d_lse->is_contiguous() &&
+                    d_lse->device().is_cpu(),
+                "drdiff.hsa_attention_backward: d_lse must be a contiguous CPU tensor like lse, got ", d_lse->sizes());
   auto const policy = policy_from(tiers);
   auto dq = torch::empty_like(q, q.options().memory_format(torch::MemoryFormat::Contiguous));
   auto dk = torch::empty_like(q, q.options().memory_format(torch::MemoryFormat::Contiguous));
@@ -143,6 +150,7 @@ std::vector<torch::Tensor> hsa_attention_backward(torch::Tensor d_o, torch::Tens
       a.dq = dq.data_ptr<scalar_t>(); a.dk = dk.data_ptr<scalar_t>(); a.dv = dv.data_ptr<scalar_t>();
       a.do_strides = strides_of(d_o); a.dq_strides = strides_of(dq); a.dk_strides = strides_of(dk);
       a.dv_strides = strides_of(dv);
+      a.maybe_d_lse = has_dlse ? d_lse->data_ptr<scalar_t>() : nullptr;
       drdiff::attention_backward(drdiff::context<drdiff::cpu>{threads()}, policy, a);
     });
   } catch (drdiff::error const& e) {
