@@ -16,6 +16,7 @@
 #include <drdiff/cuda/detail/blas.cuh>
 #include <drdiff/cuda/error.cuh>
 #include <drdiff/cuda/kernels/model.cuh>
+#include <drdiff/cuda/memory.cuh>
 #include <drdiff/cuda/moe.cuh>
 #include <drdiff/cuda/solver.cuh>
 #include <drdiff/model/model.hpp>
@@ -25,7 +26,6 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <thrust/device_vector.h>
 #include <thrust/for_each.h>
 #include <thrust/iterator/counting_iterator.h>
 #include <thrust/system/cuda/execution_policy.h>
@@ -81,27 +81,34 @@ void gemm_bf16(cublasHandle_t h, int m, int n, int k, bf16 const* a, bf16 const*
 }
 
 
-/// A device buffer of exactly n elements, its old contents dropped (a resize would copy them).
+/// A device buffer of n elements (at least one), its old contents dropped (a resize would copy
+/// them). A new buffer is zero-filled by Thrust (a fill and a synchronisation, once per shape).
 template <class T>
-void fresh(thrust::device_vector<T>& v, std::size_t n) {
+void fresh(device_vector<T>& v, std::size_t n) {
+  n = std::max<std::size_t>(n, 1);
   if (v.size() == n) return;
-  thrust::device_vector<T>().swap(v);
-  v.resize(std::max<std::size_t>(n, 1));
+  device_vector<T>().swap(v);
+  v.resize(n);
 }
 template <class T>
-T* raw(thrust::device_vector<T>& v) { return thrust::raw_pointer_cast(v.data()); }
+T* raw(device_vector<T>& v) { return thrust::raw_pointer_cast(v.data()); }
 template <class T>
-T const* raw(thrust::device_vector<T> const& v) { return thrust::raw_pointer_cast(v.data()); }
+T const* raw(device_vector<T> const& v) { return thrust::raw_pointer_cast(v.data()); }
 
 /// The GPU's layer operations for model<cuda, Config>: device copies of the weights (matrices in
 /// bf16; vectors, norms and the embedding table in fp32), the activation buffers, the workspaces of
-/// attention and the MoE, and a cuBLAS handle (set to the call's stream). Not copyable.
+/// attention and the MoE, and a cuBLAS handle (set to the call's stream). Not copyable. Everything
+/// lives on the device current at construction; the buffers are shared by the model's calls, so
+/// they run one at a time (on any stream, but not concurrently on two).
 template <>
 class model_layers<cuda> {
  public:
   static constexpr bool cheap_timing = false;  ///< events around each component synchronise: on request only
 
-  explicit model_layers(network_spec const& spec) : spec_(spec) { cublas_check(cublasCreate(&blas_), "cublasCreate"); }
+  explicit model_layers(network_spec const& spec) : spec_(spec) {
+    DRDIFF_CUDA_CHECK(cudaGetDevice(&device_));
+    cublas_check(cublasCreate(&blas_), "cublasCreate");
+  }
   model_layers(model_layers const&) = delete;
   model_layers& operator=(model_layers const&) = delete;
   ~model_layers() {
@@ -119,9 +126,9 @@ class model_layers<cuda> {
       if (matrix) {
         std::vector<bf16> h(v.size());
         for (std::size_t i = 0; i < v.size(); ++i) h[i] = __float2bfloat16(v[i]);
-        mats_[s.name] = thrust::device_vector<bf16>(h.begin(), h.end());
+        mats_[s.name] = device_vector<bf16>(h.begin(), h.end());
       } else {
-        vecs_[s.name] = thrust::device_vector<float>(v.begin(), v.end());
+        vecs_[s.name] = device_vector<float>(v.begin(), v.end());
       }
     }
   }
@@ -129,6 +136,8 @@ class model_layers<cuda> {
 
   template <class Policy, class Router>
   void prepare(context<cuda> const& ctx, Policy const& policy, Router const& router, int batch, int seq) {
+    DRDIFF_CHECK(ctx.device < 0 || ctx.device == device_, "model (cuda): context<cuda>::device = ", ctx.device,
+                 " but the model lives on device ", device_, " (the device current when it was built)");
     cublas_check(cublasSetStream(blas_, stream(ctx)), "cublasSetStream");
     std::int64_t const T = std::int64_t(batch) * seq;
     auto const& s = spec_.sizes;
@@ -153,9 +162,14 @@ class model_layers<cuda> {
       tokens_ = T;
       seq_ = seq;
       batch_ = batch;
-      // The workspaces for this shape (a model type has one policy and one router).
-      fresh(attn_ws_, attention_workspace_bytes(ctx, policy, attn_args()));
-      fresh(moe_ws_, router::moe_workspace_bytes(router, moe_args("blocks.0.", 0.0)));
+      try {  // the workspaces for this shape (a model type has one policy and one router)
+        fresh(attn_ws_, attention_workspace_bytes(ctx, policy, attn_args()));
+        fresh(moe_ws_, router::moe_workspace_bytes(router, moe_args("blocks.0.", 0.0)));
+      } catch (...) {  // not prepared: the next call tries again
+        tokens_ = 0;
+        seq_ = batch_ = 0;
+        throw;
+      }
     }
   }
 
@@ -334,19 +348,20 @@ class model_layers<cuda> {
 
  private:
   network_spec spec_;
+  int device_ = 0;
   cublasHandle_t blas_ = nullptr;
-  std::map<std::string, thrust::device_vector<bf16>> mats_;
-  std::map<std::string, thrust::device_vector<float>> vecs_;
-  std::map<std::string, thrust::device_vector<unsigned char>> scratch_;
+  std::map<std::string, device_vector<bf16>> mats_;
+  std::map<std::string, device_vector<float>> vecs_;
+  std::map<std::string, device_vector<unsigned char>> scratch_;
   std::int64_t tokens_ = 0;
   int seq_ = 0, batch_ = 0;
-  thrust::device_vector<float> h_, temb_, tfeat_, thid_, rope_cos_, rope_sin_;  // rope: [seq × head_dim / 2]
-  thrust::device_vector<bf16> xb_, ln_, qkv_, att_, ffh_;
-  thrust::device_vector<unsigned char> attn_ws_, moe_ws_;
+  device_vector<float> h_, temb_, tfeat_, thid_, rope_cos_, rope_sin_;  // rope: [seq × head_dim / 2]
+  device_vector<bf16> xb_, ln_, qkv_, att_, ffh_;
+  device_vector<unsigned char> attn_ws_, moe_ws_;
 
   static cudaStream_t stream(context<cuda> const& ctx) { return reinterpret_cast<cudaStream_t>(ctx.stream); }
   bf16 const* mat(std::string const& name) const { return raw(mats_.at(name)); }
-  static void fresh_at_least(thrust::device_vector<unsigned char>& v, std::size_t bytes) {
+  static void fresh_at_least(device_vector<unsigned char>& v, std::size_t bytes) {
     if (v.size() < std::max<std::size_t>(bytes, 1)) fresh(v, bytes);
   }
   /// A named device buffer of at least `bytes`, kept for later calls.

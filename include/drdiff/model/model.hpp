@@ -17,8 +17,12 @@
 ///   m.forward(ctx, x_t, t, x0, batch, seq);       // pointers in the backend's memory
 ///   auto r = m.generate(ctx, request);            // tokens on the host
 ///
-/// The weights are kept on the host in fp32 (model_weights); the GPU model uploads them (matrices as
-/// bf16) at the first forward after any non-const access to them.
+/// The weights are kept on the host in fp32 (model_weights). The GPU model uploads them (matrices as
+/// bf16) when it is built with weights, and again at the next forward or generate after any
+/// non-const access to them (weights(), tensor(name), load, init_random): read them through a const
+/// model to avoid that, and call again after writing through a reference kept from before. Change the
+/// weights between calls, not during one (a generation binds them once, at its start). A model's
+/// calls run one at a time: its buffers are shared.
 
 #include <drdiff/anchor/guidance.hpp>
 #include <drdiff/anchor/projectors.hpp>
@@ -145,6 +149,7 @@ class model {
     for (std::size_t i = 0; i < want.size(); ++i)
       DRDIFF_CHECK(got[i].name == want[i].name && got[i].shape == want[i].shape, "model: weight tensor ", i, " '",
                    got[i].name, "' is not the config's '", want[i].name, "' of the same shape");
+    layers();  // the GPU uploads them now, not inside the first (timed) call
   }
 
   Config const& config() const noexcept { return cfg_; }
@@ -180,38 +185,8 @@ class model {
   /// the GPU with CUDA events: the call then synchronises).
   void forward(context<Backend> const& ctx, float const* xt, double t, float* x0, int batch, int seq,
                model_timing* timing = nullptr) {
-    DRDIFF_CHECK(batch > 0 && seq > 0, "model: batch = ", batch, " and seq = ", seq, " must be > 0");
-    DRDIFF_CHECK(xt != nullptr && x0 != nullptr, "model: x_t or x0 is a null pointer");
-    DRDIFF_CHECK(std::isfinite(t), "model: t = ", t, " is not finite");
-    auto& L = layers();
-    L.prepare(ctx, cfg_.attention, cfg_.router, batch, seq);
-    auto clock = L.clock(ctx, timing);
-    clock.begin();
-    L.time_embedding(ctx, t, "time.fc1", "time.fc2");
-    L.input(ctx, xt, "up");  // h = up(x_t) + the time embedding: the fp32 residual stream
-    clock.end(&model_timing::dense);
-    for (int b = 0; b < cfg_.sizes.blocks; ++b) {
-      std::string const pre = "blocks." + std::to_string(b) + ".";
-      clock.begin();
-      L.norm(ctx, pre + "norm1");                // ln = LayerNorm(h)
-      L.qkv(ctx, pre + "attn.qkv.weight");       // qkv = ln·Wᵀ, RoPE on q and k
-      clock.end(&model_timing::dense);
-      clock.begin();
-      L.attention(ctx, cfg_.attention);          // att = attention(q, k, v) under the policy
-      clock.end(&model_timing::attention);
-      clock.begin();
-      L.project_add(ctx, pre + "attn.out.weight");  // h += att·Wᵀ
-      L.norm(ctx, pre + "norm2");
-      clock.end(&model_timing::dense);
-      clock.begin();
-      L.ffn(ctx, cfg_.router, pre, t);           // h += MoE(ln) (routed and shared experts)
-      clock.end(&model_timing::moe);
-    }
-    clock.begin();
-    L.norm(ctx, "norm");
-    L.output(ctx, x0, "down", "embed.weight");  // x0 = down(ln); categorical: softmax(x0·Eᵀ)·E
-    clock.end(&model_timing::dense);
-    clock.finish();
+    layers();
+    forward_bound(ctx, xt, t, x0, batch, seq, timing);
   }
 
   /// Noise → DPM-Solver++ (cfg.steps; hooks: the optional clamp guidance, the prompt kept clean) →
@@ -224,7 +199,7 @@ class model {
     int const P = lay.prompt, N = lay.tokens, de = s.embed_dim;
     std::size_t const n = std::size_t(N) * de;
     anchor::token_shape const shape{1, N, de};
-    auto& L = layers();
+    auto& L = layers();  // bound once: the generation keeps these weights, whatever its callbacks do
     auto g = L.begin_generation(ctx, lay, req.seed, "absorbing");  // x: noise + m on targets, clean elsewhere
 
     generation_result res;
@@ -232,7 +207,7 @@ class model {
     auto const ops = solver::ops(cfg_.schedule);
     auto const grid = solver::make_grid(ops, cfg_.steps, cfg_.spacing, cfg_.t_start, cfg_.t_end);
     auto den = [&](float const* xs, double t, float* out) {
-      forward(ctx, xs, t, out, 1, N, timed ? &res.timing : nullptr);
+      forward_bound(ctx, xs, t, out, 1, N, timed ? &res.timing : nullptr);
       ++res.evaluations;
     };
     anchor::keep_clean<Backend, float> keep(ctx, shape, g.target, g.clean);
@@ -269,6 +244,43 @@ class model {
   model_weights w_;
   layers_type layers_;
   bool stale_ = true;
+
+  /// The forward pass on the layers as they are bound.
+  void forward_bound(context<Backend> const& ctx, float const* xt, double t, float* x0, int batch, int seq,
+                     model_timing* timing) {
+    DRDIFF_CHECK(batch > 0 && seq > 0, "model: batch = ", batch, " and seq = ", seq, " must be > 0");
+    DRDIFF_CHECK(xt != nullptr && x0 != nullptr, "model: x_t or x0 is a null pointer");
+    DRDIFF_CHECK(std::isfinite(t), "model: t = ", t, " is not finite");
+    auto& L = layers_;
+    L.prepare(ctx, cfg_.attention, cfg_.router, batch, seq);
+    auto clock = L.clock(ctx, timing);
+    clock.begin();
+    L.time_embedding(ctx, t, "time.fc1", "time.fc2");
+    L.input(ctx, xt, "up");  // h = up(x_t) + the time embedding: the fp32 residual stream
+    clock.end(&model_timing::dense);
+    for (int b = 0; b < cfg_.sizes.blocks; ++b) {
+      std::string const pre = "blocks." + std::to_string(b) + ".";
+      clock.begin();
+      L.norm(ctx, pre + "norm1");                // ln = LayerNorm(h)
+      L.qkv(ctx, pre + "attn.qkv.weight");       // qkv = ln·Wᵀ, RoPE on q and k
+      clock.end(&model_timing::dense);
+      clock.begin();
+      L.attention(ctx, cfg_.attention);          // att = attention(q, k, v) under the policy
+      clock.end(&model_timing::attention);
+      clock.begin();
+      L.project_add(ctx, pre + "attn.out.weight");  // h += att·Wᵀ
+      L.norm(ctx, pre + "norm2");
+      clock.end(&model_timing::dense);
+      clock.begin();
+      L.ffn(ctx, cfg_.router, pre, t);           // h += MoE(ln) (routed and shared experts)
+      clock.end(&model_timing::moe);
+    }
+    clock.begin();
+    L.norm(ctx, "norm");
+    L.output(ctx, x0, "down", "embed.weight");  // x0 = down(ln); categorical: softmax(x0·Eᵀ)·E
+    clock.end(&model_timing::dense);
+    clock.finish();
+  }
 
   /// The layers, told of the current weights (the GPU's uploads them when they changed).
   layers_type& layers() {
