@@ -210,7 +210,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", type=int, default=1)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--attention", choices=["flex", "sdpa"], default="flex")
+    ap.add_argument("--attention", choices=["flex", "sdpa", "drdiff"], default="flex",
+                    help="flex: FlexAttention block masks; sdpa: dense masks (small CPU runs); drdiff: the "
+                         "library's operator (drdiff.attention_op; CPU tensors in this build; diffusion only)")
     ap.add_argument("--valid-len", type=int, default=4096)
     ap.add_argument("--valid-every", type=float, default=2.0, help="minutes between held-out evaluations")
     args = ap.parse_args(argv)
@@ -272,7 +274,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     dl = torch.compile(denoise_loss, dynamic=False) if args.compile else denoise_loss
     al = torch.compile(ar_loss, dynamic=False) if args.compile else ar_loss
     vlen = args.valid_len
-    masks = {n: model.block_mask(n, dev) if args.attention == "flex" else "sdpa" for n in lengths + [vlen]}
+    if args.attention == "drdiff" and args.kind != "diffusion":
+        raise SystemExit("--attention drdiff: the operator is bidirectional; the AR models train with flex or sdpa")
+    masks = {n: model.block_mask(n, dev) if args.attention == "flex" else args.attention for n in lengths + [vlen]}
 
     def run(ids, n):
         if args.kind == "diffusion":
