@@ -22,11 +22,7 @@ int main(int argc, char** argv) {
   app.option_defaults()->always_capture_default();
   app.add_option("dir", dir, "where the CSV goes");
   drdiff::examples::parse_or_exit(app, argc, argv);
-  std::ofstream csv(dir + "/anchor_steps.csv");
-  if (!csv) {
-    std::fprintf(stderr, "cannot write %s/anchor_steps.csv\n", dir.c_str());
-    return 1;
-  }
+  std::ofstream csv = drdiff::examples::open_output_or_exit(app, dir, "anchor_steps.csv");
   auto const t0 = std::chrono::steady_clock::now();
   int const V = 32, d = 32, P = 1000;
   study::step_study const s(V, d, P, 7);

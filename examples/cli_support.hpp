@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <initializer_list>
 #include <string>
 
@@ -61,6 +62,18 @@ inline void parse_or_exit(CLI::App& app, int argc, char** argv) {
     std::fprintf(stderr, "%s: %s\nRun with --help for the options.\n", app.get_name().c_str(), e.what());
     std::exit(2);
   }
+}
+
+/// The output file dir/name, open for writing; if it cannot be opened, prints "<program>: cannot write
+/// dir/name" and exits with 1.
+inline std::ofstream open_output_or_exit(CLI::App const& app, std::string const& dir, char const* name) {
+  std::string const path = dir + "/" + name;
+  std::ofstream out(path);
+  if (!out) {
+    std::fprintf(stderr, "%s: cannot write %s\n", app.get_name().c_str(), path.c_str());
+    std::exit(1);
+  }
+  return out;
 }
 
 }  // namespace drdiff::examples

@@ -65,11 +65,7 @@ int main(int argc, char** argv) {
   app.option_defaults()->always_capture_default();
   app.add_option("dir", dir, "where the CSV and the PNG go");
   drdiff::examples::parse_or_exit(app, argc, argv);
-  std::ofstream csv(dir + "/solver_convergence.csv");
-  if (!csv) {
-    std::fprintf(stderr, "cannot write %s/solver_convergence.csv\n", dir.c_str());
-    return 1;
-  }
+  std::ofstream csv = drdiff::examples::open_output_or_exit(app, dir, "solver_convergence.csv");
   csv << "problem,solver,nfe,error\n";
   int const nfes[] = {5, 10, 20, 40, 80, 160, 320};
 

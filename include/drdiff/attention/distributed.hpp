@@ -88,11 +88,13 @@ inline std::vector<int> halo_keys(pattern const& p, int begin, int end) {
     }
     return false;
   };
-  int const reach = p.reach();
-  for (int j = std::max(0, begin - std::max(reach, 0)); j < begin; ++j)
-    if (reach >= 0 && reached(j)) keys.push_back(j);
-  for (int j = end; j < std::min(p.n, end + std::max(reach, 0) + 1); ++j)
-    if (reach >= 0 && reached(j)) keys.push_back(j);
+  int const reach = p.reach();  // −1: neither a window nor a dilation
+  if (reach >= 0) {
+    for (int j = std::max(0, begin - reach); j < begin; ++j)
+      if (reached(j)) keys.push_back(j);
+    for (int j = end; j < std::min(p.n, end + reach); ++j)
+      if (reached(j)) keys.push_back(j);
+  }
   // Every non-global row attends every global key.
   index_range const g = p.global_keys();
   for (int x = 0; x < g.count; ++x) {

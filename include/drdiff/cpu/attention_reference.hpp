@@ -19,6 +19,27 @@
 
 DRDIFF_NAMESPACE_BEGIN
 
+namespace detail {
+/// s[j] for keys j < kv_len(b): query row i's scaled scores against them in double, −∞ where the
+/// mask says no; returns their max (−∞ when no key is allowed).
+template <class Bound, class T>
+double reference_scores(Bound const& bound, attention_args<T> const& a, int b, int h, int i, double scale,
+                        std::vector<double>& s) {
+  T const* q = a.q + b * a.q_strides.batch + i * a.q_strides.seq + h * a.q_strides.head;
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int j = 0; j < a.kv_len(b); ++j) {
+    s[j] = -std::numeric_limits<double>::infinity();
+    if (!bound.mask(i, j)) continue;
+    T const* k = a.k + b * a.k_strides.batch + j * a.k_strides.seq + h * a.k_strides.head;
+    double dot = 0;
+    for (int d = 0; d < a.head_dim; ++d) dot += double(q[d]) * double(k[d]);
+    s[j] = dot * scale;
+    mx = std::max(mx, s[j]);
+  }
+  return mx;
+}
+}  // namespace detail
+
 /// Writes O (and lse when given) for query rows [row_begin, row_end) of every (batch, head);
 /// row_end < 0 means seq. Same semantics as drdiff::attention: rows with no allowed key get 0 and
 /// lse = −inf.
@@ -43,20 +64,8 @@ void attention_reference(Policy const& policy, attention_args<T> const& a, int r
     int const i = row_begin + int(item % rows);
     auto const bound = attn::bind(policy, a.seq, h);
     int const L = a.kv_len(b);
-    T const* q = a.q + b * a.q_strides.batch + i * a.q_strides.seq + h * a.q_strides.head;
     std::vector<double>& s = scores[w];
-    double mx = -std::numeric_limits<double>::infinity();
-    for (int j = 0; j < L; ++j) {
-      if (!bound.mask(i, j)) {
-        s[j] = -std::numeric_limits<double>::infinity();
-        continue;
-      }
-      T const* k = a.k + b * a.k_strides.batch + j * a.k_strides.seq + h * a.k_strides.head;
-      double dot = 0;
-      for (int d = 0; d < D; ++d) dot += double(q[d]) * double(k[d]);
-      s[j] = dot * scale;
-      mx = std::max(mx, s[j]);
-    }
+    double const mx = detail::reference_scores(bound, a, b, h, i, scale, s);
     std::vector<double>& acc = out[w];
     std::fill(acc.begin(), acc.end(), 0.0);
     double sum = 0;
@@ -99,16 +108,7 @@ void attention_backward_reference(Policy const& policy, attention_backward_args<
     for (int i = 0; i < N; ++i) {
       T const* q = at(f.q, f.q_strides, i);
       T const* g = at(a.d_o, a.do_strides, i);
-      double mx = neg_inf;
-      for (int j = 0; j < L; ++j) {
-        s[j] = neg_inf;
-        if (!bound.mask(i, j)) continue;
-        T const* k = at(f.k, f.k_strides, j);
-        double dot = 0;
-        for (int d = 0; d < D; ++d) dot += double(q[d]) * double(k[d]);
-        s[j] = dot * scale;
-        mx = std::max(mx, s[j]);
-      }
+      double const mx = detail::reference_scores(bound, f, b, h, i, scale, s);
       std::fill(dq.begin(), dq.end(), 0.0);
       if (mx != neg_inf) {
         double sum = 0;

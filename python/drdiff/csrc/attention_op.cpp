@@ -69,7 +69,7 @@ drdiff::tensor_strides strides_of(torch::Tensor const& x) { return {x.stride(0),
 
 template <class T>
 drdiff::attention_args<T> forward_args(torch::Tensor const& q, torch::Tensor const& k, torch::Tensor const& v,
-                                       torch::Tensor& o, torch::Tensor& lse, torch::Tensor const& lens,
+                                       torch::Tensor const& o, torch::Tensor const& lse, torch::Tensor const& lens,
                                        double scale) {
   drdiff::attention_args<T> a{};
   a.batch = int(q.size(0)); a.heads = int(q.size(1)); a.seq = int(q.size(2)); a.head_dim = int(q.size(3));
@@ -142,10 +142,8 @@ std::vector<torch::Tensor> hsa_attention_backward(torch::Tensor d_o, torch::Tens
   auto const lens = lens_of(kv_lens, q);
   try {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hsa_attention_backward", [&] {
-      auto o_ = o;  // read only; attention_args holds a non-const pointer to it
-      auto l_ = lse;
       drdiff::attention_backward_args<scalar_t> a{};
-      a.fwd = forward_args<scalar_t>(q, k, v, o_, l_, lens, scale);
+      a.fwd = forward_args<scalar_t>(q, k, v, o, lse, lens, scale);  // o and lse are only read here
       a.d_o = d_o.data_ptr<scalar_t>();
       a.dq = dq.data_ptr<scalar_t>(); a.dk = dk.data_ptr<scalar_t>(); a.dv = dv.data_ptr<scalar_t>();
       a.do_strides = strides_of(d_o); a.dq_strides = strides_of(dq); a.dk_strides = strides_of(dk);
