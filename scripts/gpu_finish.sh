@@ -33,9 +33,14 @@ else
   echo "no CUDA test build in $build"; tail -20 "$build/../build.log" 2>/dev/null
 fi
 rm -f "$runs/eval.rc"
+if [ ! -f "$runs/ar/ema.pt" ] || [ ! -f "$runs/judge/ema.pt" ]; then
+  echo "no AR baseline or judge in $runs: the evaluation is left for a lease that trains them" | tee "$runs/pack/evaluate.log"
+  echo skipped > "$runs/eval.rc"
+else
 setsid bash -c "timeout ${DRDIFF_EVAL_SECONDS:-900} python3 -m drdiff.evaluate --model '$runs/export/drdiff-text' \
   --ar '$runs/ar/ema.pt' --judge '$runs/judge/ema.pt' --corpus '$root/data/corpus' --out '$runs/eval' \
   > '$runs/pack/evaluate.log' 2>&1; echo \$? > '$runs/eval.rc'" > /dev/null 2>&1 < /dev/null &
+fi
 fi
 # Wait for the evaluation (it saves quality.json after every section, so a cut-short one keeps what it measured).
 for _ in $(seq 1 "${DRDIFF_EVAL_WAIT:-420}"); do [ -f "$runs/eval.rc" ] && break; sleep 1; done
@@ -47,6 +52,7 @@ done
 # From $runs, not the tree: a later call's copy of the working tree puts back the old model and golden files.
 cp -r "$runs/eval" "$runs/golden" "$runs/pack/" 2>/dev/null
 cp "$runs/tokens.log" "$runs/gemm.json" "$runs/pack/" 2>/dev/null
+cp "$build.log" "$runs/pack/cuda_build.log" 2>/dev/null; cp "$build.ctest.log" "$runs/pack/cuda_ctest.log" 2>/dev/null
 cp "$runs/export/drdiff-text/config.json" "$runs/pack/"
 sha256sum "$runs/export/drdiff-text/model.safetensors" | tee "$runs/pack/model.sha256"
 tar -C "$runs" -czf "$out/results.tar.gz" pack

@@ -7,10 +7,14 @@
 #   scripts/train_gpu.sh status RUNS_DIR      # the last log line of each
 #
 # Budgets (minutes of training each, compilation not counted): DRDIFF_BUDGET (11), AR_BUDGET (11),
-# JUDGE_BUDGET (7); each run of a chain lasts DRDIFF_RUN_MINUTES (20) of wall time (a resumed run
-# compiles again: ~3 minutes with three trainers on one GPU). DRDIFF_TOKENS_PER_STEP sets DrDiff's batch
-# (122,880; the baselines keep that). DRDIFF_GPU_BUILD=DIR also builds the GPU lane's CUDA tests in DIR
-# in the background and then runs them (ctest -L cuda, while the trainers run; log DIR.ctest.log).
+# JUDGE_BUDGET (7); a file RUNS/NAME.budget, once written, overrides a budget (read every 25 steps: a
+# lease's length is known only after its machine has started). DRDIFF_MODELS names the models to train
+# ("drdiff ar judge"; "drdiff" gives DrDiff the GPU alone). Each run of a chain lasts DRDIFF_RUN_MINUTES
+# (20) of wall time; a run that fails (out of memory, say) is followed by one that resumes from its last
+# checkpoint (saved every 2 minutes), up to 6 runs. DRDIFF_TOKENS_PER_STEP sets DrDiff's batch (122,880;
+# the baselines keep that). DRDIFF_GPU_BUILD=DIR also builds the GPU lane's CUDA tests in DIR in the
+# background and runs them once the build is done and DRDIFF_CTEST_DELAY seconds (240) have passed, so
+# that the trainers have taken their memory first (ctest -L cuda; log DIR.ctest.log).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:?start or status}
@@ -24,9 +28,9 @@ chain() {  # name kind budget seed [config]
   mkdir -p "$out"
   for _ in 1 2 3 4 5 6; do
     python3 -m drdiff.train --kind "$kind" --corpus "$corpus" --tokenizer "$tok" --out "$out" \
-      --budget "$budget" --minutes "${DRDIFF_RUN_MINUTES:-20}" --seed "$seed" --tokens-per-step "$tps" ${cfg:+--config "$cfg"} \
-      >> "$out/stdout.log" 2>&1 || { echo "FAILED" >> "$out/stdout.log"; return 1; }
-    grep -q '"kind": "done"' "$out/log.jsonl" && return 0
+      --budget "$budget" --budget-file "$runs/$name.budget" --minutes "${DRDIFF_RUN_MINUTES:-20}" --seed "$seed" \
+      --tokens-per-step "$tps" ${cfg:+--config "$cfg"} >> "$out/stdout.log" 2>&1 || echo "FAILED" >> "$out/stdout.log"
+    grep -q '"kind": "done"' "$out/log.jsonl" 2>/dev/null && return 0
   done
 }
 case "$mode" in
@@ -36,10 +40,11 @@ case "$mode" in
     # The bf16 GEMM rate with the GPU to itself (each trainer also measures it, but they share the GPU).
     python3 -c "import json, torch; from drdiff.train import gemm_rate; print(json.dumps({'gemm_flops': gemm_rate(torch.device('cuda')), 'gpu': torch.cuda.get_device_name()}))" | tee "$runs/gemm.json"
     export -f chain; export runs corpus tok
-    setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1 '' ${DRDIFF_TOKENS_PER_STEP:-122880}" > /dev/null 2>&1 < /dev/null &
-    setsid bash -c "chain ar ar ${AR_BUDGET:-11} 2" > /dev/null 2>&1 < /dev/null &
-    setsid bash -c "chain judge ar ${JUDGE_BUDGET:-7} 3 '{\"d_model\": 320, \"heads\": 5}'" > /dev/null 2>&1 < /dev/null &
-    echo "started: $runs/{drdiff,ar,judge}"
+    models=" ${DRDIFF_MODELS:-drdiff ar judge} "
+    [[ $models == *" drdiff "* ]] && setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1 '' ${DRDIFF_TOKENS_PER_STEP:-122880}" > /dev/null 2>&1 < /dev/null &
+    [[ $models == *" ar "* ]] && setsid bash -c "chain ar ar ${AR_BUDGET:-11} 2" > /dev/null 2>&1 < /dev/null &
+    [[ $models == *" judge "* ]] && setsid bash -c "chain judge ar ${JUDGE_BUDGET:-7} 3 '{\"d_model\": 320, \"heads\": 5}'" > /dev/null 2>&1 < /dev/null &
+    echo "started:$models in $runs"
     if [ -n "${DRDIFF_GPU_BUILD:-}" ]; then  # meanwhile, the lane's CUDA tests (model.cuda is rerun by gpu_finish.sh)
       b=$DRDIFF_GPU_BUILD
       targets="drdiff.test.attention.cuda drdiff.test.attention.cuda.mma drdiff.test.attention.policy.cuda drdiff.test.solver.cuda"
@@ -47,12 +52,14 @@ case "$mode" in
       setsid bash -c "cmake -S '$root' -B '$b' -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH='$root/.deps' \
         -DDRDIFF_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF -DDRDIFF_BUILD_BENCHMARKS=OFF \
         > '$b.log' 2>&1 && nice cmake --build '$b' -j 10 --target $targets >> '$b.log' 2>&1; echo BUILD_DONE \$? >> '$b.log'; \
+        while [ \$(( \$(date +%s) - $(date +%s) )) -lt ${DRDIFF_CTEST_DELAY:-240} ]; do sleep 5; done; \
         cd '$b' && LD_LIBRARY_PATH='$root/.deps/lib/runtime':\${LD_LIBRARY_PATH:-} ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model|concurrency)' \
         > '$b.ctest.log' 2>&1; echo CTEST_DONE \$? >> '$b.ctest.log'" > /dev/null 2>&1 < /dev/null &
     fi
     ;;
   status)
     for n in drdiff ar judge; do
+      [ -d "$runs/$n" ] || continue
       echo "== $n: $(tail -1 "$runs/$n/log.jsonl" 2>/dev/null | cut -c1-400)"
       grep -E 'Error|FAILED|Traceback' "$runs/$n/stdout.log" 2>/dev/null | tail -3 || true
       grep -c '"skip"' "$runs/$n/log.jsonl" 2>/dev/null | sed 's/^/   skipped updates: /' || true
@@ -63,7 +70,7 @@ case "$mode" in
       grep -E 'tests passed|Failed|\*\*\*|CTEST_DONE' "$DRDIFF_GPU_BUILD.ctest.log" 2>/dev/null | tail -12
     fi
     n_done=$(cat "$runs"/{drdiff,ar,judge}/log.jsonl 2>/dev/null | grep -c '"kind": "done"')
-    echo "runs done: $n_done of 3"
+    echo "runs done: $n_done of $(ls -d "$runs"/{drdiff,ar,judge} 2>/dev/null | wc -l)"
     ;;
   *) echo "train_gpu: unknown mode $mode" >&2; exit 2 ;;
 esac

@@ -194,6 +194,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--config", help="JSON of ModelConfig fields to override")
     ap.add_argument("--budget", type=float, default=15.0, help="training minutes in all (over every resume)")
     ap.add_argument("--minutes", type=float, default=9.0, help="minutes in this run, then checkpoint and exit")
+    ap.add_argument("--budget-file", help="a file holding the budget in minutes, read again every 25 steps when it "
+                                          "exists (a lease whose length is known only after the start)")
     ap.add_argument("--lengths", default="1024,4096,8192,20480")
     ap.add_argument("--tokens-per-step", type=int, default=122880)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -313,7 +315,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     t_run = time.time()
     last_valid = time.time()
     last_save = time.time()
-    budget_s = args.budget * 60
+
+    def read_budget(current: float) -> float:
+        """The budget in seconds: --budget, or the minutes in --budget-file once it exists."""
+        if args.budget_file and os.path.isfile(args.budget_file):
+            text = open(args.budget_file).read().strip()
+            if text:
+                return float(text) * 60
+        return current
+
+    budget_s = read_budget(args.budget * 60)
     window_tok, window_t, window_flops = 0, time.time(), 0.0
     while state["seconds"] < budget_s and time.time() - t_run < args.minutes * 60:
         t0 = time.time()
@@ -343,6 +354,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         window_tok += bsz * n
         window_flops += 6 * n_act * bsz * n + 3 * 4 * cfg.d_model * pairs[n] * bsz * cfg.blocks
         if state["step"] % 25 == 0:
+            new = read_budget(budget_s)
+            if new != budget_s:
+                log({"kind": "budget", "step": state["step"], "minutes": new / 60, "was": budget_s / 60})
+                budget_s = new
             lv = float(loss)
             el = time.time() - window_t
             log({"kind": "train", "step": state["step"], "tokens": state["tokens"], "loss": lv, "lr": lr,
