@@ -112,10 +112,12 @@ def repeated_ngrams(ids: Sequence[int], n: int = 4, window: int = 1024) -> float
     return rep / max(1, tot)
 
 
-def text_stats(samples: list[list[int]], judge: DrDiff, device) -> dict:
-    nll = [ar_nll(judge, torch.tensor(s), device).mean().item() for s in samples]
+def text_stats(samples: list[list[int]], judge: Optional[DrDiff], device) -> dict:
+    """The judge's perplexity (None without a judge) beside the distribution figures."""
+    nll = [ar_nll(judge, torch.tensor(s), device).mean().item() for s in samples] if judge is not None else None
     flat = [t for s in samples for t in s]
-    return {"gen_ppl": float(math.exp(np.mean(nll))), "judge_nll": float(np.mean(nll)),
+    return {"gen_ppl": float(math.exp(np.mean(nll))) if nll else None,
+            "judge_nll": float(np.mean(nll)) if nll else None,
             "unigram_entropy_bits": unigram_entropy_bits(flat), "distinct_1": distinct_n(flat, 1),
             "distinct_2": distinct_n(flat, 2), "distinct_4": float(np.mean([distinct_n(s, 4) for s in samples])),
             "repeated_4grams": float(np.mean([repeated_ngrams(s) for s in samples]))}
@@ -140,8 +142,8 @@ def ar_sample(model: DrDiff, prompt: list[int], length: int, seed: int, device, 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the exported DrDiff model directory")
-    ap.add_argument("--ar", required=True, help="ema.pt of the AR baseline")
-    ap.add_argument("--judge", required=True, help="ema.pt of the AR judge")
+    ap.add_argument("--ar", help="ema.pt of the AR baseline (without it: no AR rows)")
+    ap.add_argument("--judge", help="ema.pt of the AR judge (without it: no generative perplexity, no long range)")
     ap.add_argument("--corpus", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--samples", type=int, default=8, help="samples per setting")
@@ -160,8 +162,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     model, cfgj = load_dir(args.model)
     model = model.to(dev)
     tok = Tokenizer(os.path.join(args.model, cfgj["tokenizer"]["file"]))
-    ar = load_ar(args.ar, dev)
-    judge = load_ar(args.judge, dev)
+    ar = load_ar(args.ar, dev) if args.ar else None
+    judge = load_ar(args.judge, dev) if args.judge else None
     res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
 
     def save() -> None:  # after every section: a run stopped by its time limit keeps what it measured
@@ -186,9 +188,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             ids.extend(x)
             nbytes += len(text.encode("utf-8"))
         t_ids = torch.tensor(ids)
-        nll_ar = ar_nll(ar, t_ids, dev).sum().item()
-        row = {"tokens": len(ids), "bytes": nbytes, "bytes_per_token": nbytes / len(ids),
-               "ar_bpb": nll_ar / math.log(2) / nbytes}
+        row = {"tokens": len(ids), "bytes": nbytes, "bytes_per_token": nbytes / len(ids)}
+        if ar is not None:
+            row["ar_bpb"] = ar_nll(ar, t_ids, dev).sum().item() / math.log(2) / nbytes
         ces = {}
         for t in ts:
             ce = diffusion_ce(model, t_ids, t, dev, seed=int(t * 100)).sum().item()
@@ -199,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tot_b = sum(r["bytes"] for r in held.values())
     res["held_out"] = {
         "per_source": held,
-        "ar_bpb": sum(r["ar_bpb"] * r["bytes"] for r in held.values()) / tot_b,
+        "ar_bpb": sum(r["ar_bpb"] * r["bytes"] for r in held.values()) / tot_b if ar is not None else None,
         "drdiff_ce_bpb_mean_t": sum(r["drdiff_ce_bpb_mean_t"] * r["bytes"] for r in held.values()) / tot_b,
         "drdiff_ce_bpb_at_t": {k: sum(r["drdiff_ce_bpb_at_t"][k] * r["bytes"] for r in held.values()) / tot_b
                                for k in held[next(iter(held))]["drdiff_ce_bpb_at_t"]},
@@ -217,8 +219,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     rng = np.random.default_rng(0)
     uni = [rng.choice(tok.vocab, size=L, p=counts / counts.sum()).tolist() for _ in range(S)]
     rows = {"held-out text": text_stats(ref_samples, judge, dev), "unigram sampler": text_stats(uni, judge, dev)}
-    ar_s = ar_sample(ar, [tok.doc] if tok.doc >= 0 else [0], L, 1, dev, batch=S)
-    rows["AR baseline, T = 1"] = text_stats(ar_s, judge, dev)
+    ar_s = ar_sample(ar, [tok.doc] if tok.doc >= 0 else [0], L, 1, dev, batch=S) if ar is not None else []
+    if ar_s:
+        rows["AR baseline, T = 1"] = text_stats(ar_s, judge, dev)
     res["samples_table"] = rows
     save()
     prompt = [tok.doc] if tok.doc >= 0 else [0]
@@ -255,6 +258,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     lr = {}
     for name, seqs in (("DrDiff 2M 20", long_s),
                        ("held-out text", [valid_ids[i * Lg:(i + 1) * Lg].astype(int).tolist() for i in range(2)])):
+        if judge is None:
+            break
         nll = torch.stack([ar_nll(judge, torch.tensor(s), dev, chunk=Lg) for s in seqs]).mean(0).cpu().numpy()
         lr[name] = {f"{a}-{b}": float(nll[a:b].mean()) for a, b in zip(buckets[:-1], buckets[1:]) if b <= len(nll) + 1
                     and a < b}
@@ -286,10 +291,12 @@ def plots(res: dict, out: str) -> None:
                 continue
             pts.sort()
             lab = solver + (" + guidance" if guid else "")
-            ax[0].plot([p[0] for p in pts], [p[1]["gen_ppl"] for p in pts], ls, marker="o", label=lab)
+            if all(p[1]["gen_ppl"] is not None for p in pts):
+                ax[0].plot([p[0] for p in pts], [p[1]["gen_ppl"] for p in pts], ls, marker="o", label=lab)
             ax[1].plot([p[0] for p in pts], [p[1]["unigram_entropy_bits"] for p in pts], ls, marker="o", label=lab)
     ref = res["samples_table"]["held-out text"]
-    ax[0].axhline(ref["gen_ppl"], color="k", lw=0.8, label="held-out text")
+    if ref["gen_ppl"] is not None:
+        ax[0].axhline(ref["gen_ppl"], color="k", lw=0.8, label="held-out text")
     ax[1].axhline(ref["unigram_entropy_bits"], color="k", lw=0.8, label="held-out text")
     for a, yl in zip(ax, ("generative perplexity (AR judge)", "unigram entropy of samples (bits)")):
         a.set_xscale("log")
@@ -300,6 +307,8 @@ def plots(res: dict, out: str) -> None:
     ax[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "step_study.png"), dpi=120)
+    if not res.get("long_range"):
+        return
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, b in res["long_range"].items():

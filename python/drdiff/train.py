@@ -209,6 +209,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--absorb-rate", type=float, default=0.0)
     ap.add_argument("--t-sampling", choices=["uniform", "adaptive"], default="adaptive",
                     help="t of the diffusion loss: uniform, or TimeWarp (density by the running loss per t bin)")
+    ap.add_argument("--init", help="a model directory (drdiff.export) whose weights start this run: training "
+                                   "goes on from a shipped checkpoint with a fresh optimizer and warm-up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", type=int, default=1)
     ap.add_argument("--device", default="cuda")
@@ -234,12 +236,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     train_ids, _ = token_stream(args.corpus, "train", tok, cache=os.path.join(args.out, "..", "tokens"))
     valid_ids, _ = token_stream(args.corpus, "valid", tok, cache=os.path.join(args.out, "..", "tokens"))
     cfg = ModelConfig(vocab=tok.vocab, causal=args.kind == "ar")
+    init = None
+    if args.init and not os.path.isfile(ckpt_path):  # a resumed run takes its checkpoint, not --init
+        from .export import load as load_dir
+
+        init, init_json = load_dir(args.init)
+        cfg = init.cfg
+        if args.kind == "ar" or cfg.vocab != tok.vocab:
+            raise SystemExit(f"--init {args.init}: a diffusion model of vocabulary {tok.vocab} is needed "
+                             f"(it has {cfg.vocab}; --kind {args.kind})")
     if args.config:
         over = json.loads(args.config)
         cfg = ModelConfig.from_json({**cfg.to_json(), **over})
     torch.manual_seed(args.seed)
     model = DrDiff(cfg).to(dev)
     model.reset_parameters(seed=args.seed)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+        print(json.dumps({"kind": "init", "from": args.init, "training": init_json.get("training")}), flush=True)
     model = model.to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     embed = [model.embed.weight]
