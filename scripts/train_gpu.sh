@@ -12,7 +12,8 @@
 # ("drdiff ar judge"; "drdiff" gives DrDiff the GPU alone). Each run of a chain lasts DRDIFF_RUN_MINUTES
 # (20) of wall time; a run that fails (out of memory, say) is followed by one that resumes from its last
 # checkpoint (saved every 2 minutes), up to 6 runs. DRDIFF_TOKENS_PER_STEP sets DrDiff's batch (122,880;
-# the baselines keep that). DRDIFF_GPU_BUILD=DIR also builds the GPU lane's CUDA tests in DIR in the
+# the baselines keep that); DRDIFF_INIT=DIR starts DrDiff from a model directory's weights (drdiff.train
+# --init) and DRDIFF_CONFIG overrides fields of its configuration (JSON). DRDIFF_GPU_BUILD=DIR also builds the GPU lane's CUDA tests in DIR in the
 # background and runs them once the build is done and DRDIFF_CTEST_DELAY seconds (240) have passed, so
 # that the trainers have taken their memory first (ctest -L cuda; log DIR.ctest.log).
 set -euo pipefail
@@ -22,14 +23,15 @@ runs=${2:?runs folder}
 corpus=${DRDIFF_CORPUS:-$root/data/corpus}
 tok=${DRDIFF_TOKENIZER:-$root/models/drdiff-text/tokenizer.model}
 export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-chain() {  # name kind budget seed [config]
-  local name=$1 kind=$2 budget=$3 seed=$4 cfg=${5:-} tps=${6:-122880}
+chain() {  # name kind budget seed [config] [tokens per step] [model directory to start from]
+  local name=$1 kind=$2 budget=$3 seed=$4 cfg=${5:-} tps=${6:-122880} init=${7:-}
   local out=$runs/$name
   mkdir -p "$out"
   for _ in 1 2 3 4 5 6; do
     python3 -m drdiff.train --kind "$kind" --corpus "$corpus" --tokenizer "$tok" --out "$out" \
       --budget "$budget" --budget-file "$runs/$name.budget" --minutes "${DRDIFF_RUN_MINUTES:-20}" --seed "$seed" \
-      --tokens-per-step "$tps" ${cfg:+--config "$cfg"} >> "$out/stdout.log" 2>&1 || echo "FAILED" >> "$out/stdout.log"
+      --tokens-per-step "$tps" ${cfg:+--config "$cfg"} ${init:+--init "$init"} >> "$out/stdout.log" 2>&1 \
+      || echo "FAILED" >> "$out/stdout.log"
     grep -q '"kind": "done"' "$out/log.jsonl" 2>/dev/null && return 0
   done
 }
@@ -41,7 +43,7 @@ case "$mode" in
     python3 -c "import json, torch; from drdiff.train import gemm_rate; print(json.dumps({'gemm_flops': gemm_rate(torch.device('cuda')), 'gpu': torch.cuda.get_device_name()}))" | tee "$runs/gemm.json"
     export -f chain; export runs corpus tok
     models=" ${DRDIFF_MODELS:-drdiff ar judge} "
-    [[ $models == *" drdiff "* ]] && setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1 '' ${DRDIFF_TOKENS_PER_STEP:-122880}" > /dev/null 2>&1 < /dev/null &
+    [[ $models == *" drdiff "* ]] && setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1 '${DRDIFF_CONFIG:-}' ${DRDIFF_TOKENS_PER_STEP:-122880} '${DRDIFF_INIT:-}'" > /dev/null 2>&1 < /dev/null &
     [[ $models == *" ar "* ]] && setsid bash -c "chain ar ar ${AR_BUDGET:-11} 2" > /dev/null 2>&1 < /dev/null &
     [[ $models == *" judge "* ]] && setsid bash -c "chain judge ar ${JUDGE_BUDGET:-7} 3 '{\"d_model\": 320, \"heads\": 5}'" > /dev/null 2>&1 < /dev/null &
     echo "started:$models in $runs"

@@ -72,7 +72,8 @@ def ar_nll(model: DrDiff, ids: torch.Tensor, device, chunk: int = 4096) -> torch
 @torch.no_grad()
 def diffusion_ce(model: DrDiff, ids: torch.Tensor, t: float, device, seed: int, n: int = 4096) -> torch.Tensor:
     """Per-token cross-entropy of the categorical x0-prediction at noise level t (no prompt), in
-    windows of n tokens, each position scored once."""
+    windows of n tokens, each position scored once; a self-conditioned model gets its own first
+    estimate at the same x_t, as a sampling step would."""
     out = []
     g = torch.Generator(device=device).manual_seed(seed)
     a = float(alpha_bar(torch.tensor(t)))
@@ -81,8 +82,10 @@ def diffusion_ce(model: DrDiff, ids: torch.Tensor, t: float, device, seed: int, 
         x0 = model.table()[x]
         eps = torch.randn(x0.shape, device=device, generator=g)
         xt = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
+        tt = torch.full((1,), t, device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            _, lg, _ = model(xt, torch.full((1,), t, device=device), want_x0=False)
+            prev = model(xt, tt)[0] if model.cfg.self_condition else None  # as sampling feeds it
+            _, lg, _ = model(xt, tt, want_x0=False, x0_prev=prev)
         out.append(F.cross_entropy(lg[0].float(), x[0], reduction="none")[new:])
     return torch.cat(out)
 

@@ -43,6 +43,7 @@ def config_json(cfg: ModelConfig, sampling: Optional[dict] = None, extra: Option
         "rope_base": cfg.rope_base,
         "norm_eps": cfg.norm_eps,
         "prediction": cfg.prediction,
+        **({"self_condition": True} if cfg.self_condition else {}),
         "router": {"kind": "top_k", "k": cfg.top_k, "renormalize": True},
         "attention": {"kind": "hsa", "tiers": tiers},
         "schedule": {"kind": "sqrt", "delta": SQRT_DELTA},
@@ -89,7 +90,8 @@ def model_config_from_json(c: dict) -> ModelConfig:
     return ModelConfig(vocab=s["vocab"], embed_dim=s["embed_dim"], d_model=s["d_model"], heads=s["heads"],
                        blocks=s["blocks"], experts=s["experts"], d_ff=s["d_ff"], shared_experts=s["shared_experts"],
                        time_dim=s["time_dim"], top_k=c["router"]["k"], activation=c["activation"],
-                       rope_base=c["rope_base"], norm_eps=c["norm_eps"], prediction=c["prediction"], tiers=tiers)
+                       rope_base=c["rope_base"], norm_eps=c["norm_eps"], prediction=c["prediction"],
+                       self_condition=bool(c.get("self_condition", False)), tiers=tiers)
 
 
 def load(directory: str) -> tuple[DrDiff, dict]:

@@ -3,7 +3,7 @@
 Names and shapes follow `parameter_specs` (include/drdiff/model/parameters.hpp), the forward follows
 `model<cpu>::forward` (include/drdiff/cpu/model.hpp):
 
-    h  = up(x_t) + fc2(SiLU(fc1(sinusoidal(1000 t))))
+    h  = up(x_t) [+ up_sc(x̂0_prev)] + fc2(SiLU(fc1(sinusoidal(1000 t))))
     L x [ h += out(attn(RoPE(qkv(LN1(h)))));  h += MoE(LN2(h)) ]
     z  = down(LN(h))
     x0 = z                         (prediction "embedding")
@@ -12,6 +12,11 @@ Names and shapes follow `parameter_specs` (include/drdiff/model/parameters.hpp),
 Attention runs through FlexAttention with block masks built from the same HSA tier table as the C++
 `attn::hsa` (masks.py). The same module with `causal=True`, no time input and next-token logits is the
 autoregressive baseline and judge.
+
+Self-conditioning (`self_condition`, Chen et al.'s analog bits, CDCD, Plaid): the denoiser also takes
+its own previous estimate x̂0_prev through `up_sc` (no bias, zero at initialisation, so a model without
+it is the same function); zeros stand for "no estimate yet". Training feeds a detached first pass's
+x̂0 to half of each batch, sampling feeds the previous solver step's x̂0.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     prediction: str = "categorical"  # or "embedding"
     causal: bool = False  # autoregressive baseline / judge
+    self_condition: bool = False  # up_sc(x0_prev) added to the input (the previous step's x̂0)
     tiers: list = field(default_factory=default_tiers)
 
     @property
@@ -211,6 +217,7 @@ class DrDiff(nn.Module):
         # for x_t = alpha x0 + sigma eps, which an m != 0 would shift (docs/weights.md).
         self.register_buffer("absorbing", torch.zeros(de))
         self.up = nn.Linear(de, dm)
+        self.up_sc = nn.Linear(de, dm, bias=False) if cfg.self_condition else None
         self.time = TimeMLP(cfg) if not cfg.causal else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.blocks))
         self.norm = nn.LayerNorm(dm, eps=cfg.norm_eps)
@@ -236,6 +243,8 @@ class DrDiff(nn.Module):
                 nn.init.zeros_(p)
             elif name == "embed.weight":
                 normal(p, 1.0)
+            elif name == "up_sc.weight":
+                nn.init.zeros_(p)
             elif name == "up.weight":
                 normal(p, 1.0 / math.sqrt(cfg.embed_dim))
             elif name == "time.fc1.weight":
@@ -264,6 +273,8 @@ class DrDiff(nn.Module):
             "up.weight": self.up.weight,
             "up.bias": self.up.bias,
         }
+        if self.up_sc is not None:
+            sd["up_sc.weight"] = self.up_sc.weight
         if self.time is not None:
             sd.update({
                 "time.fc1.weight": self.time.fc1.weight, "time.fc1.bias": self.time.fc1.bias,
@@ -377,10 +388,14 @@ class DrDiff(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
 
-    def trunk(self, x_in: torch.Tensor, t: Optional[torch.Tensor], attend) -> tuple[torch.Tensor, dict]:
-        """x_in [B, N, de] -> z [B, N, de] and the router losses (summed over blocks)."""
+    def trunk(self, x_in: torch.Tensor, t: Optional[torch.Tensor], attend,
+              x0_prev: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """x_in [B, N, de] (and, self-conditioned, the previous estimate x0_prev [B, N, de] or None for
+        zeros) -> z [B, N, de] and the router losses (summed over blocks)."""
         B, N, _ = x_in.shape
         h = self.up(x_in)
+        if self.up_sc is not None and x0_prev is not None:
+            h = h + self.up_sc(x0_prev.to(h.dtype))
         if self.time is not None:
             h = h + self.time(t).to(h.dtype).view(B, 1, -1)
         cos, sin = self.rope(N, x_in.device)
@@ -398,12 +413,14 @@ class DrDiff(nn.Module):
     def logits(self, z: torch.Tensor, table: Optional[torch.Tensor] = None) -> torch.Tensor:
         return z.float() @ (self.table() if table is None else table).t()
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask=None, backend: str = "flex", want_x0: bool = True):
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask=None, backend: str = "flex", want_x0: bool = True,
+                x0_prev: Optional[torch.Tensor] = None):
         """Denoiser: x_t [B, N, de], t [B] -> (x0 [B, N, de] or None, logits [B, N, V] or None, aux).
         `mask`: a prebuilt FlexAttention BlockMask for this length (pass it under torch.compile).
-        `want_x0=False` skips softmax(logits)·E, which the training loss does not use."""
+        `want_x0=False` skips softmax(logits)·E, which the training loss does not use. `x0_prev`: the
+        previous estimate of a self-conditioned model (None: zeros, i.e. none yet)."""
         attend = self.attend_fn(x_t.shape[1], x_t.device, backend, mask)
-        z, aux = self.trunk(x_t, t, attend)
+        z, aux = self.trunk(x_t, t, attend, x0_prev)
         if self.cfg.prediction == "categorical":
             table = self.table()
             lg = self.logits(z, table)

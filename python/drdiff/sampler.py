@@ -144,13 +144,15 @@ def generate(model: DrDiff, prompt: Sequence[int], length: int, seed: int, setti
     coeffs = plan(order, grid)
     mask = model.block_mask(N, device) if backend == "flex" else None
     hist: list[torch.Tensor] = []
+    prev: Optional[torch.Tensor] = None  # a self-conditioned model's previous estimate (None: zeros)
     keep = lambda v: torch.where(target.view(1, -1, 1), v, clean.view(1, N, de))
     for s, k in enumerate(coeffs):
         t = torch.full((B,), grid[s], device=device)
         with torch.autocast(device.type if isinstance(device, torch.device) else str(device).split(":")[0],
                             dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            x0, _, _ = model(x, t, mask, backend)
+            x0, _, _ = model(x, t, mask, backend, x0_prev=prev)
         x0 = x0.float()
+        prev = x0 if model.cfg.self_condition else None  # the raw estimate, before guidance and the prompt
         if settings.guidance and lam(grid[s]) >= settings.guidance_lambda_min:
             ids = (x0 @ E.t()).argmax(-1)
             x0 = x0 + settings.guidance_gamma * (E[ids] - x0)

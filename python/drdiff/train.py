@@ -137,8 +137,18 @@ def denoise_loss(model: DrDiff, xt: torch.Tensor, t: torch.Tensor, ids: torch.Te
     attention operator)."""
     B, N = ids.shape
     backend = mask if isinstance(mask, str) else "flex"
+    bm = None if isinstance(mask, str) else mask
     with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=xt.device.type == "cuda"):
-        _, logits, aux = model(xt, t, None if isinstance(mask, str) else mask, backend, want_x0=False)
+        x0_prev = None
+        if model.cfg.self_condition:
+            # Self-conditioning: the first half of the batch (its order is random) gets the estimate of a
+            # first pass without gradient, the rest zeros (no estimate), as the first sampling step does.
+            half = B // 2
+            # The raw estimate everywhere (prompt positions too), as the sampler feeds it.
+            with torch.no_grad():
+                est, _, _ = model(xt[:half], t[:half], bm, backend, want_x0=True)
+            x0_prev = torch.cat([est.float(), torch.zeros_like(xt[half:], dtype=torch.float32)])
+        _, logits, aux = model(xt, t, bm, backend, want_x0=False, x0_prev=x0_prev)
     ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1), reduction="none").view(B, N)
     w = target.float()
     aux["seq_loss"] = ((ce * w).sum(1) / w.sum(1).clamp_min(1)).detach()  # per sequence, for TimeWarp
@@ -252,7 +262,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     model = DrDiff(cfg).to(dev)
     model.reset_parameters(seed=args.seed)
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        # A self-conditioned model may start from one without: up_sc keeps its zeros, so it begins as
+        # the same function. Any other difference is an error.
+        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        if unexpected or set(missing) - {"up_sc.weight"}:
+            raise SystemExit(f"--init {args.init}: tensors differ (missing {missing}, unexpected {unexpected})")
         print(json.dumps({"kind": "init", "from": args.init, "training": init_json.get("training")}), flush=True)
     model = model.to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)

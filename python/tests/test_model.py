@@ -25,7 +25,8 @@ def generate_bin():
     return p
 
 
-@pytest.mark.parametrize("over", [{}, {"activation": "swiglu", "shared_experts": 1}, {"prediction": "embedding"}])
+@pytest.mark.parametrize("over", [{}, {"activation": "swiglu", "shared_experts": 1}, {"prediction": "embedding"},
+                                  {"self_condition": True}])
 def test_names_shapes_dtypes_match_parameter_specs(tmp_path, over):
     cfg = ModelConfig(**{**TINY, **over})
     m = DrDiff(cfg)
@@ -126,3 +127,66 @@ def test_time_warp_samples_where_the_loss_is():
     assert float(s.min()) >= 0 and float(s.max()) < 1
     assert abs(float((s >= 0.5).double().mean()) - 0.9) < 1e-3
     assert torch.all(s[1:] >= s[:-1])  # monotone: stratification survives the warp
+
+
+def test_self_conditioning_starts_as_the_same_function_and_then_uses_the_estimate():
+    torch.manual_seed(1)
+    plain = DrDiff(ModelConfig(**TINY)).eval()
+    sc = DrDiff(ModelConfig(**TINY, self_condition=True)).eval()
+    missing, unexpected = sc.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["up_sc.weight"] and not unexpected
+    assert torch.count_nonzero(sc.up_sc.weight) == 0  # zero at initialisation
+    x, t, prev = torch.randn(1, 70, 16), torch.tensor([0.6]), torch.randn(1, 70, 16)
+    with torch.no_grad():
+        ref = plain(x, t, backend="sdpa")[0]
+        torch.testing.assert_close(sc(x, t, backend="sdpa", x0_prev=prev)[0], ref, rtol=0, atol=0)
+        sc.up_sc.weight.normal_(0, 0.3)
+        assert not torch.allclose(sc(x, t, backend="sdpa", x0_prev=prev)[0], ref, atol=1e-3)
+        torch.testing.assert_close(sc(x, t, backend="sdpa")[0], ref, rtol=0, atol=0)  # None: no estimate yet
+
+
+def test_self_conditioned_training_loss_runs_and_falls():
+    torch.manual_seed(0)
+    m = DrDiff(ModelConfig(**TINY, self_condition=True))
+    ids = torch.randint(0, 300, (4, 64))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    xt, t, target = make_noisy(m, ids, 0.5, 0.0, g)
+    losses = []
+    for _ in range(60):
+        loss, _ = denoise_loss(m, xt.detach(), t, ids, target, "sdpa")
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert torch.count_nonzero(m.up_sc.weight) > 0  # the estimate's path was trained
+
+
+@pytest.mark.parametrize("solver,steps,seed", [("2m", 6, 5), ("ddim", 4, 9)])
+def test_cpp_generation_of_a_self_conditioned_model_equals_pytorchs(tmp_path, solver, steps, seed):
+    from drdiff.data import Tokenizer
+    from drdiff.sampler import SampleSettings, generate
+
+    tok_path = os.path.join(ROOT, "models", "drdiff-text", "tokenizer.model")
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab=8192, embed_dim=16, d_model=64, heads=2, blocks=2, experts=4, d_ff=64, time_dim=32,
+                      self_condition=True)
+    m = DrDiff(cfg).eval()
+    with torch.no_grad():
+        m.up_sc.weight.normal_(0, 0.5)  # a trained model's path, not the zero start
+    ex.export(m, tok_path, str(tmp_path), dtype="f32")
+    back, c = ex.load(str(tmp_path))
+    assert c["self_condition"] is True and back.cfg.self_condition
+    tok = Tokenizer(tok_path)
+    prompt = "The kernel"
+    ids = generate(back, tok.encode([prompt])[0], 48, seed, SampleSettings(solver=solver, steps=steps))[0]
+    out = subprocess.run([generate_bin(), "--model", str(tmp_path), "--prompt", prompt, "--length", "48", "--steps",
+                          str(steps), "--solver", solver, "--seed", str(seed), "--raw", "--no-echo", "--threads", "1"],
+                         capture_output=True)  # bytes: a generated "\r" must stay one
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode("utf-8", "replace").rstrip("\n") == tok.decode(ids)
+    # Without the estimate (the same weights, up_sc zeroed) the text differs: the path is used.
+    with torch.no_grad():
+        back.up_sc.weight.zero_()
+    assert generate(back, tok.encode([prompt])[0], 48, seed, SampleSettings(solver=solver, steps=steps))[0] != ids

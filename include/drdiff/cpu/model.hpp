@@ -152,10 +152,12 @@ class model_layers<cpu> {
     for (auto& v : thid_) v = v / (1.f + std::exp(-v));
     linear_rows(ctx, thid_.data(), 1, dm, weight(fc2 + ".weight"), dm, weight(fc2 + ".bias"), temb_.data(), false);
   }
-  /// h = x_t·Wᵀ + b + temb.
-  void input(context<cpu> const& ctx, float const* xt, std::string const& up) {
+  /// h = x_t·Wᵀ + b + temb; with a previous estimate (self-conditioning) also + x̂0_prev·W_scᵀ.
+  void input(context<cpu> const& ctx, float const* xt, std::string const& up, float const* maybe_prev,
+             std::string const& up_sc) {
     int const dm = spec_.sizes.d_model, de = spec_.sizes.embed_dim;
     linear_rows(ctx, xt, tokens_, de, weight(up + ".weight"), dm, weight(up + ".bias"), h_.data(), false);
+    if (maybe_prev) linear_rows(ctx, maybe_prev, tokens_, de, weight(up_sc + ".weight"), dm, nullptr, h_.data(), true);
     for (std::int64_t r = 0; r < tokens_; ++r)
       for (int k = 0; k < dm; ++k) h_[std::size_t(r) * dm + k] += temb_[std::size_t(k)];
   }
@@ -218,7 +220,7 @@ class model_layers<cpu> {
   // ---- generation ----------------------------------------------------------------------------
 
   struct generation {
-    float *x, *workspace, *guide_scratch;
+    float *x, *workspace, *guide_scratch, *prev;  ///< prev: the last estimate (self-conditioned models)
     unsigned char const* target;
     float const* clean;
   };
@@ -231,12 +233,15 @@ class model_layers<cpu> {
     gen_x_.resize(n);
     gen_ws_.resize(3 * n);
     gen_scratch_.resize(n);
+    gen_prev_.resize(spec_.sizes.self_condition ? n : 0);
     float const* m = weight(absorbing);
     solver::gaussian_noise const noise{seed};
     for (std::size_t i = 0; i < n; ++i)
       gen_x_[i] = lay.target[i / de] ? float(noise(0, i)) + m[i % de] : lay.clean[i];
-    return {gen_x_.data(), gen_ws_.data(), gen_scratch_.data(), lay.target.data(), lay.clean.data()};
+    return {gen_x_.data(), gen_ws_.data(), gen_scratch_.data(), gen_prev_.data(), lay.target.data(), lay.clean.data()};
   }
+  /// dst = src, n floats (the self-conditioned estimate kept for the next step).
+  void copy(context<cpu> const& /*ctx*/, float const* src, float* dst, std::size_t n) const { std::copy(src, src + n, dst); }
   auto projector(context<cpu> const& ctx, anchor::nearest_embedding<float> const& table,
                  anchor::token_shape const& shape) const {
     return anchor::bind<float>(ctx, table, shape);
@@ -260,7 +265,7 @@ class model_layers<cpu> {
   std::int64_t tokens_ = 0;
   int batch_ = 0, seq_ = 0, rope_seq_ = 0;
   std::vector<float> h_, ln_, qkv_, att_, ffn_, temb_, tfeat_, thid_, rope_cos_, rope_sin_, cat_ws_;
-  std::vector<float> gen_x_, gen_ws_, gen_scratch_;
+  std::vector<float> gen_x_, gen_ws_, gen_scratch_, gen_prev_;
   std::vector<unsigned char> attn_ws_;
 
   /// Rotates the (2i, 2i+1) pairs of every head of q and k by position.

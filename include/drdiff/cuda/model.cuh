@@ -239,12 +239,17 @@ class model_layers<cuda> {
     DRDIFF_CUDA_CHECK(cudaGetLastError());
   }
   /// h = bf16(x_t)·Wᵀ + b + temb (fp32).
-  void input(context<cuda> const& ctx, float const* xt, std::string const& up) {
+  void input(context<cuda> const& ctx, float const* xt, std::string const& up, float const* maybe_prev,
+             std::string const& up_sc) {
     auto const& s = spec_.sizes;
     std::size_t const n = std::size_t(tokens_) * s.embed_dim;
     auto const on = thrust::cuda::par_nosync.on(stream(ctx));
     thrust::transform(on, xt, xt + n, raw(xb_), model_to_bf16_op{});
     gemm_bf16(blas_, int(tokens_), s.d_model, s.embed_dim, raw(xb_), mat(up + ".weight"), raw(h_), 0.f);
+    if (maybe_prev) {  // self-conditioning: h += bf16(x̂0_prev)·W_scᵀ (xb_ is free again in stream order)
+      thrust::transform(on, maybe_prev, maybe_prev + n, raw(xb_), model_to_bf16_op{});
+      gemm_bf16(blas_, int(tokens_), s.d_model, s.embed_dim, raw(xb_), mat(up_sc + ".weight"), raw(h_), 1.f);
+    }
     add_rows(ctx, raw(h_), weight(up + ".bias"), raw(temb_), s.d_model);
   }
   void norm(context<cuda> const& ctx, std::string const& name) {
@@ -299,7 +304,7 @@ class model_layers<cuda> {
   // ---- generation ----------------------------------------------------------------------------
 
   struct generation {
-    float *x, *workspace, *guide_scratch;
+    float *x, *workspace, *guide_scratch, *prev;  ///< prev: the last estimate (self-conditioned models)
     unsigned char const* target;
     float const* clean;
   };
@@ -314,13 +319,18 @@ class model_layers<cuda> {
     auto* x = static_cast<float*>(scratch("gen.x", n * sizeof(float)));
     auto* ws = static_cast<float*>(scratch("gen.ws", solver::sample_workspace_size<float>(n) * sizeof(float)));
     auto* guide = static_cast<float*>(scratch("gen.guide", n * sizeof(float)));
+    auto* prev = spec_.sizes.self_condition ? static_cast<float*>(scratch("gen.prev", n * sizeof(float))) : nullptr;
     DRDIFF_CUDA_CHECK(cudaMemcpyAsync(target, lay.target.data(), lay.target.size(), cudaMemcpyHostToDevice, st));
     DRDIFF_CUDA_CHECK(cudaMemcpyAsync(clean, lay.clean.data(), n * sizeof(float), cudaMemcpyHostToDevice, st));
     thrust::transform(thrust::cuda::par_nosync.on(st), thrust::counting_iterator<std::size_t>(0),
                       thrust::counting_iterator<std::size_t>(n), x,
                       model_initial_state_op{clean, target, weight(absorbing), solver::gaussian_noise{seed}, de});
     DRDIFF_CUDA_CHECK(cudaGetLastError());
-    return {x, ws, guide, target, clean};
+    return {x, ws, guide, prev, target, clean};
+  }
+  /// dst = src, n floats on the device, in stream order (the self-conditioned estimate for the next step).
+  void copy(context<cuda> const& ctx, float const* src, float* dst, std::size_t n) const {
+    DRDIFF_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream(ctx)));
   }
   auto projector(context<cuda> const& ctx, anchor::nearest_embedding<float> const& table,
                  anchor::token_shape const& shape) {

@@ -42,6 +42,9 @@ struct model_sizes {
   int d_ff = 256;        ///< per expert
   int shared_experts = 0;
   int time_dim = 32;     ///< width of the sinusoidal time features (even)
+  /// Self-conditioning: the input is up(x_t) + up_sc(x̂0_prev), the previous solver step's estimate
+  /// (zeros at the first step); adds the tensor up_sc.weight [d_model, embed_dim] (docs/weights.md).
+  bool self_condition = false;
 
   int head_dim() const noexcept { return heads > 0 ? d_model / heads : 0; }
   void validate() const {
@@ -65,7 +68,8 @@ struct model_sizes {
     std::int64_t const dm = d_model, ff = d_ff;
     std::int64_t const per_block =
         4 * dm * dm + experts * (dm + 1) + std::int64_t(k + shared_experts) * mats * dm * ff + 4 * dm;
-    return blocks * per_block + 2 * dm * embed_dim + dm + embed_dim + time_dim * dm + dm * dm + 2 * dm + 2 * dm;
+    return blocks * per_block + (self_condition ? 3 : 2) * dm * embed_dim + dm + embed_dim + time_dim * dm + dm * dm +
+           2 * dm + 2 * dm;
   }
 };
 

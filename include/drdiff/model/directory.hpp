@@ -134,8 +134,8 @@ struct model_directory {
 
   void read(json const& j) {
     only_keys(j, "the top level",
-              {"format", "version", "sizes", "activation", "rope_base", "norm_eps", "prediction", "router",
-               "attention", "schedule", "sampling", "tokenizer", "weights", "training", "card"});
+              {"format", "version", "sizes", "activation", "rope_base", "norm_eps", "prediction", "self_condition",
+               "router", "attention", "schedule", "sampling", "tokenizer", "weights", "training", "card"});
     DRDIFF_CHECK(text(j, "format", "the top level") == "drdiff-model", "config.json: format = '",
                  j.at("format").get<std::string>(), "' is not 'drdiff-model'");
     integer(j, "version", "the top level", 1, 1);
@@ -164,6 +164,8 @@ struct model_directory {
     DRDIFF_CHECK(pred == "embedding" || pred == "categorical", "config.json: prediction = '", pred,
                  "' is not embedding or categorical");
     c.output = pred == "embedding" ? prediction::embedding : prediction::categorical;
+    // Optional (absent: false), so the files written before it stay valid.
+    c.sizes.self_condition = j.contains("self_condition") && boolean(j, "self_condition", "the top level");
 
     json const& r = need(j, "router", "the top level");
     only_keys(r, "router", {"kind", "k", "renormalize"});

@@ -182,15 +182,20 @@ class model {
 
   /// x̂0 = model(x_t, t) for `batch` sequences of `seq` tokens ([batch, seq, embed_dim] fp32,
   /// row-major, in the backend's memory). With `timing`, the components' times are added to it (on
-  /// the GPU with CUDA events: the call then synchronises).
+  /// the GPU with CUDA events: the call then synchronises). A self-conditioned model
+  /// (sizes.self_condition) also takes its previous estimate `maybe_x0_prev` (same shape; null: none
+  /// yet, i.e. zeros); for any other model it must be null.
   void forward(context<Backend> const& ctx, float const* xt, double t, float* x0, int batch, int seq,
-               model_timing* timing = nullptr) {
+               model_timing* timing = nullptr, float const* maybe_x0_prev = nullptr) {
+    DRDIFF_CHECK(maybe_x0_prev == nullptr || cfg_.sizes.self_condition,
+                 "model: x0_prev is given but the model is not self-conditioned (sizes.self_condition = false)");
     layers();
-    forward_bound(ctx, xt, t, x0, batch, seq, timing);
+    forward_bound(ctx, xt, t, x0, batch, seq, timing, maybe_x0_prev);
   }
 
   /// Noise → DPM-Solver++ (cfg.steps; hooks: the optional clamp guidance, the prompt kept clean) →
-  /// rounding against the embedding table. Deterministic for a seed (on the CPU whatever the thread
+  /// rounding against the embedding table. A self-conditioned model gets, at each evaluation, its raw
+  /// estimate of the one before (none at the first). Deterministic for a seed (on the CPU whatever the thread
   /// count; on the GPU for a given device and build).
   generation_result generate(context<Backend> const& ctx, generation_request const& req) {
     auto const start = std::chrono::steady_clock::now();
@@ -206,8 +211,11 @@ class model {
     bool const timed = layers_type::cheap_timing || req.time_components;
     auto const ops = solver::ops(cfg_.schedule);
     auto const grid = solver::make_grid(ops, cfg_.steps, cfg_.spacing, cfg_.t_start, cfg_.t_end);
+    bool const self_cond = cfg_.sizes.self_condition;
     auto den = [&](float const* xs, double t, float* out) {
-      forward_bound(ctx, xs, t, out, 1, N, timed ? &res.timing : nullptr);
+      forward_bound(ctx, xs, t, out, 1, N, timed ? &res.timing : nullptr,
+                    self_cond && res.evaluations > 0 ? g.prev : nullptr);
+      if (self_cond) L.copy(ctx, out, g.prev, n);  // before the hooks change it: the raw estimate
       ++res.evaluations;
     };
     anchor::keep_clean<Backend, float> keep(ctx, shape, g.target, g.clean);
@@ -247,7 +255,7 @@ class model {
 
   /// The forward pass on the layers as they are bound.
   void forward_bound(context<Backend> const& ctx, float const* xt, double t, float* x0, int batch, int seq,
-                     model_timing* timing) {
+                     model_timing* timing, float const* maybe_x0_prev = nullptr) {
     DRDIFF_CHECK(batch > 0 && seq > 0, "model: batch = ", batch, " and seq = ", seq, " must be > 0");
     DRDIFF_CHECK(xt != nullptr && x0 != nullptr, "model: x_t or x0 is a null pointer");
     DRDIFF_CHECK(std::isfinite(t), "model: t = ", t, " is not finite");
@@ -256,7 +264,7 @@ class model {
     auto clock = L.clock(ctx, timing);
     clock.begin();
     L.time_embedding(ctx, t, "time.fc1", "time.fc2");
-    L.input(ctx, xt, "up");  // h = up(x_t) + the time embedding: the fp32 residual stream
+    L.input(ctx, xt, "up", maybe_x0_prev, "up_sc");  // h = up(x_t) [+ up_sc(x̂0_prev)] + the time embedding
     clock.end(&model_timing::dense);
     for (int b = 0; b < cfg_.sizes.blocks; ++b) {
       std::string const pre = "blocks." + std::to_string(b) + ".";

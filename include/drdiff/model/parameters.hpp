@@ -37,6 +37,7 @@ inline std::vector<parameter_spec> parameter_specs(model_sizes const& s, ffn_act
   add("absorbing", {de}, init::zeros);
   add("up.weight", {dm, de}, init::normal, 1.0 / std::sqrt(double(de)));
   add("up.bias", {dm}, init::zeros);
+  if (s.self_condition) add("up_sc.weight", {dm, de}, init::zeros);  // zero: the same function as without
   add("time.fc1.weight", {dm, td}, init::normal, 1.0 / std::sqrt(double(td)));
   add("time.fc1.bias", {dm}, init::zeros);
   add("time.fc2.weight", {dm, dm});
