@@ -161,6 +161,7 @@ TEST_CASE("a bad model directory is an error naming the file or the key", "[mode
   bad("bad_format", [](json& c) { c["format"] = "gguf"; }, "format = 'gguf'");
   bad("tiers_order", [](json& c) { c["attention"]["tiers"][1]["max_len"] = 10; }, "must be above the previous");
   bad("bad_pred", [](json& c) { c["prediction"] = "score"; }, "prediction = 'score'");
+  bad("bad_self_condition", [](json& c) { c["self_condition"] = 1; }, "self_condition must be true or false");
   bad("nan_rope", [](json& c) { c["rope_base"] = -2.0; }, "rope_base = -2 must be > 1");
   bad("path_escape", [](json& c) { c["weights"] = "../x.safetensors"; }, "plain file name");
   bad("missing_tokenizer", [](json& c) { c["tokenizer"] = {{"kind", "sentencepiece"}, {"file", "tok.model"}}; },
@@ -175,6 +176,13 @@ TEST_CASE("a bad model directory is an error naming the file or the key", "[mode
     model<cpu, model_config<>> m(dir.config);
     CHECK_THROWS_WITH(dir.load_into(m), Contains("config.json and model.safetensors disagree") &&
                                            Contains("blocks.0.moe.experts.up"));
+    c["sizes"]["d_ff"] = 32;  // self-conditioned, but the weights have no up_sc.weight
+    c["self_condition"] = true;
+    std::ofstream(d + "/config.json") << c.dump();
+    auto const sc = model_directory::open(d);
+    CHECK(sc.config.sizes.self_condition);
+    model<cpu, model_config<>> msc(sc.config);
+    CHECK_THROWS_WITH(sc.load_into(msc), Contains("disagree") && Contains("up_sc.weight"));
   }
 }
 

@@ -315,5 +315,7 @@ TEST_CASE("model bad configuration and arguments get a drdiff::error", "[model][
   CHECK_THROWS_WITH(m.generate(context<cpu>{1}, r), Contains("prompt token 1 = 256"));
   std::vector<float> x(16);
   CHECK_THROWS_WITH(m.forward(context<cpu>{1}, x.data(), 0.5, x.data(), 1, 0), Contains("seq = 0"));
+  CHECK_THROWS_WITH(m.forward(context<cpu>{1}, x.data(), 0.5, x.data(), 1, 1, nullptr, x.data()),
+                    Contains("not self-conditioned"));
   CHECK_THROWS_WITH(m.tensor("nope"), Contains("no tensor named 'nope'"));
 }
