@@ -43,9 +43,17 @@ case "$mode" in
     python3 -c "import json, torch; from drdiff.train import gemm_rate; print(json.dumps({'gemm_flops': gemm_rate(torch.device('cuda')), 'gpu': torch.cuda.get_device_name()}))" | tee "$runs/gemm.json"
     export -f chain; export runs corpus tok
     models=" ${DRDIFF_MODELS:-drdiff ar judge} "
-    [[ $models == *" drdiff "* ]] && setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1 '${DRDIFF_CONFIG:-}' ${DRDIFF_TOKENS_PER_STEP:-122880} '${DRDIFF_INIT:-}'" > /dev/null 2>&1 < /dev/null &
-    [[ $models == *" ar "* ]] && setsid bash -c "chain ar ar ${AR_BUDGET:-11} 2" > /dev/null 2>&1 < /dev/null &
-    [[ $models == *" judge "* ]] && setsid bash -c "chain judge ar ${JUDGE_BUDGET:-7} 3 '{\"d_model\": 320, \"heads\": 5}'" > /dev/null 2>&1 < /dev/null &
+    # Each trainer is started by this shell itself: in an 'a && b &' list the backgrounded subshell
+    # would wait for the trainer with the caller's stdout open (a pipe to tail never ended).
+    if [[ $models == *" drdiff "* ]]; then
+      setsid bash -c "chain drdiff diffusion ${DRDIFF_BUDGET:-11} 1 '${DRDIFF_CONFIG:-}' ${DRDIFF_TOKENS_PER_STEP:-122880} '${DRDIFF_INIT:-}'" > /dev/null 2>&1 < /dev/null &
+    fi
+    if [[ $models == *" ar "* ]]; then
+      setsid bash -c "chain ar ar ${AR_BUDGET:-11} 2" > /dev/null 2>&1 < /dev/null &
+    fi
+    if [[ $models == *" judge "* ]]; then
+      setsid bash -c "chain judge ar ${JUDGE_BUDGET:-7} 3 '{\"d_model\": 320, \"heads\": 5}'" > /dev/null 2>&1 < /dev/null &
+    fi
     echo "started:$models in $runs"
     if [ -n "${DRDIFF_GPU_BUILD:-}" ]; then  # meanwhile, the lane's CUDA tests (model.cuda is rerun by gpu_finish.sh)
       b=$DRDIFF_GPU_BUILD
