@@ -79,12 +79,6 @@ constexpr cuda_attention_tuning cuda_attention_tuning_for(int arch) noexcept {
   return t;
 }
 
-/// Whether the tensor-core kernel of W warps may ever be picked (the others are not compiled).
-constexpr bool cuda_attention_warps_used(int w) noexcept {
-  cuda_attention_tuning const t = cuda_attention_tuning_for(0);
-  return w == t.dense_warps || w == t.sparse_warps;
-}
-
 // ---- MoE --------------------------------------------------------------------------------------------
 
 /// How the MoE issues its expert GEMMs when the caller leaves the choice to it
