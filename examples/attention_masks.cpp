@@ -27,8 +27,7 @@ void draw(char const* title, Policy const& policy, int n) {
 }
 
 void draw_passes(char const* title, drdiff::attn::sparse_union const& u, int n) {
-  auto p = u.bind(n, 0);
-  p.tile = 8;
+  auto const p = u.bind(n, 0).tiles(8);  // the segment path in query tiles of 8 rows
   std::vector<char> owner(std::size_t(n) * n, '.');
   char const letters[] = {'A', 'R', 'W', 'D', 'K'};  // by pass_kind
   for (int pass = 0; pass < p.num_passes(); ++pass)

@@ -43,7 +43,9 @@ void BM_round_cuda(benchmark::State& state) {
     std::size_t const bytes = anchor::workspace_bytes(context<drdiff::cuda>{}, p, sh);
     void* ws = b.alloc<char>(bytes);
     int* ids = b.alloc<int>(kTokens);
-    return [=] { anchor::round_to_nearest(context<drdiff::cuda>{}, h, p, sh, x, ids, static_cast<T*>(nullptr), ws, bytes); };
+    context<drdiff::cuda> ctx{};
+    ctx.cublas = h;
+    return [=] { anchor::round_to_nearest(ctx, p, sh, x, ids, static_cast<T*>(nullptr), ws, bytes); };
   });
 }
 
@@ -53,7 +55,7 @@ void BM_round_cuda(benchmark::State& state) {
 template <class T>
 void BM_round_gemm_cuda(benchmark::State& state) {
   measure<T>(state, [](cublasHandle_t h, int V, int d, T* table, T* x, bench::buffers& b) {
-    int const ld = anchor::score_ld(V), main = V / 128 * 128;
+    int const ld = drdiff::detail::anchor_score_ld(V), main = V / 128 * 128;
     T* s = b.alloc<T>(std::size_t(kTokens) * ld);
     return [=] {
       drdiff::detail::gemm_abt(h, kTokens, main, d, x, d, table, d, s, ld);

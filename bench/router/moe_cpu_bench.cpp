@@ -31,8 +31,8 @@ struct weights {
     fill(down, std::size_t(E) * kD * f, 1.f / 32.f);
     out.resize(std::size_t(kT) * kD);
   }
-  moe_args args(int E, int f = kF) {
-    moe_args a;
+  moe_args<float> args(int E, int f = kF) {
+    moe_args<float> a;
     a.tokens = kT; a.d_model = kD; a.d_ff = f; a.experts = E;
     a.x = x.data(); a.w_router = wr.data(); a.w_up = up.data(); a.w_down = down.data(); a.out = out.data();
     return a;
@@ -45,7 +45,9 @@ void run(benchmark::State& state, R const& r, int E) {
   auto a = w.args(E);
   moe_stats st;
   context<cpu> const ctx{};
-  moe_forward(ctx, r, a, &st);
+  a.maybe_stats = &st;
+  moe_forward(ctx, r, a);
+  a.maybe_stats = nullptr;  // (the timed calls skip the statistics)
   for (auto _ : state) {
     moe_forward(ctx, r, a);
     benchmark::DoNotOptimize(w.out.data());

@@ -31,24 +31,29 @@ void run(benchmark::State& state, R const& r) {
   auto* out = b.alloc<__nv_bfloat16>(std::size_t(kT) * kD);
   cublasHandle_t handle;
   cublasCreate(&handle);
-  cuda_moe_args<__nv_bfloat16> a;
+  context<drdiff::cuda> ctx{};
+  ctx.cublas = handle;
+  moe_args<__nv_bfloat16> a;
   a.tokens = kT; a.d_model = kD; a.d_ff = kF; a.experts = E;
-  a.x = x; a.w_router = wr; a.w_up = up; a.w_down = down; a.out = out; a.cublas = handle;
+  a.x = x; a.w_router = wr; a.w_up = up; a.w_down = down; a.out = out;
   a.gemm_mode = mode;
-  std::size_t const bytes = moe_workspace_bytes(r, a);
+  std::size_t const bytes = moe_workspace_bytes(ctx, r, a);
   void* ws = b.alloc<unsigned char>(bytes);
-  std::vector<int> per_expert;
-  moe_forward(context<drdiff::cuda>{}, r, a, ws, bytes, &per_expert);
+  moe_stats st;  // (the row counts; the timed calls ask for nothing)
+  a.maybe_stats = &st;
+  moe_forward(ctx, r, a, ws, bytes);
+  a.maybe_stats = nullptr;
   double rows = 0;
-  for (int v : per_expert) rows += v;
+  for (int v : st.tokens_per_expert) rows += v;
   bench::cuda_event_timer timer;
-  for (auto _ : state) timer.time(state, 3, [&] { moe_forward(context<drdiff::cuda>{}, r, a, ws, bytes); });
+  for (auto _ : state) timer.time(state, 3, [&] { moe_forward(ctx, r, a, ws, bytes); });
   state.counters["tokens"] = benchmark::Counter(kT, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["active"] = rows / kT;
   state.counters["flops"] = benchmark::Counter(4.0 * kD * kF * rows, benchmark::Counter::kIsIterationInvariantRate);
   // The phases of one more call: expert GEMM rate, and the bytes/s of dispatch + combine (read + write).
-  cuda_moe_timing ph;
-  moe_forward(context<drdiff::cuda>{}, r, a, ws, bytes, nullptr, &ph);
+  moe_timing ph;
+  a.maybe_timing = &ph;
+  moe_forward(ctx, r, a, ws, bytes);
   state.counters["route_ms"] = ph.route_ms;
   state.counters["dispatch_ms"] = ph.dispatch_ms;
   state.counters["experts_ms"] = ph.experts_ms;
@@ -86,8 +91,8 @@ void BM_dense_ffn_cuda(benchmark::State& state) {
   cublasHandle_t handle;
   cublasCreate(&handle);
   auto ffn = [&] {
-    router::detail::gemm_abt(handle, kT, k * kF, kD, x, kD, w1, kD, h, k * kF);
-    router::detail::gemm_abt(handle, kT, kD, k * kF, h, k * kF, w2, k * kF, y, kD);
+    drdiff::detail::gemm_abt(handle, kT, k * kF, kD, x, kD, w1, kD, h, k * kF);
+    drdiff::detail::gemm_abt(handle, kT, kD, k * kF, h, k * kF, w2, k * kF, y, kD);
   };
   ffn();
   bench::cuda_event_timer timer;

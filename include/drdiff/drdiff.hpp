@@ -1,7 +1,8 @@
 #pragma once
 /// \file
-/// Umbrella header for CPU users: the core, attention policies, routers, solvers, anchors, the model
-/// (with its weights files and the byte tokenizer) and the CPU (Eigen) backend.
+/// Umbrella header for CPU users: the core, attention policies and their capabilities, routers and the
+/// MoE, solvers, anchors, the model (with its weights files and the byte tokenizer) and the CPU (Eigen)
+/// backend; <drdiff/cuda.cuh> is its GPU mirror.
 /// Needs only a C++17 compiler and Eigen 3.4; no CUDA toolkit.
 
 #include <drdiff/anchor/absorbing.hpp>
@@ -11,6 +12,7 @@
 #include <drdiff/attention/attention.hpp>
 #include <drdiff/attention/backward.hpp>
 #include <drdiff/attention/block_segments.hpp>
+#include <drdiff/attention/capabilities.hpp>
 #include <drdiff/attention/distributed.hpp>
 #include <drdiff/attention/policies.hpp>
 #include <drdiff/core/backend.hpp>
@@ -29,6 +31,7 @@
 #include <drdiff/model/safetensors.hpp>
 #include <drdiff/model/tokenizer.hpp>
 #include <drdiff/model/weights.hpp>
+#include <drdiff/router/moe.hpp>
 #include <drdiff/router/routers.hpp>
 #include <drdiff/solver/dpmpp.hpp>
 #include <drdiff/solver/grid.hpp>

@@ -61,6 +61,12 @@ struct blas_handle {
   blas_handle() { REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS); }
   ~blas_handle() { cublasDestroy(h); }
 };
+/// A GPU context carrying the test's cuBLAS handle.
+context<gpu> on(blas_handle const& b) {
+  context<gpu> c;
+  c.cublas = b.h;
+  return c;
+}
 
 }  // namespace
 
@@ -109,7 +115,7 @@ TEST_CASE("round_to_nearest on the GPU equals the CPU (fp32; bf16 within its rou
     anchor::nearest_embedding<float> pg{dtab.p, V, d, metric};
     std::size_t const bytes = anchor::workspace_bytes(context<gpu>{}, pg, sh);
     dev<char> ws(bytes);
-    anchor::round_to_nearest(context<gpu>{}, blas.h, pg, sh, static_cast<float const*>(dx.p), dids.p, dout.p, ws.p,
+    anchor::round_to_nearest(on(blas), pg, sh, static_cast<float const*>(dx.p), dids.p, dout.p, ws.p,
                              bytes);
     auto const ids = dids.host();
     auto const out = dout.host();
@@ -140,7 +146,7 @@ TEST_CASE("round_to_nearest on the GPU equals the CPU (fp32; bf16 within its rou
     anchor::round_to_nearest(context<cpu>{2}, pr, sh, xr.data(), ids_cpu.data());
     dev<__nv_bfloat16> dtb(tb), dxb(xb);
     anchor::nearest_embedding<__nv_bfloat16> pb{dtb.p, V, d, metric};
-    anchor::round_to_nearest(context<gpu>{}, blas.h, pb, sh, static_cast<__nv_bfloat16 const*>(dxb.p), dids.p,
+    anchor::round_to_nearest(on(blas), pb, sh, static_cast<__nv_bfloat16 const*>(dxb.p), dids.p,
                              static_cast<__nv_bfloat16*>(nullptr), ws.p, bytes);
     auto const idb = dids.host();
     differ = 0;
@@ -166,12 +172,12 @@ TEST_CASE("segment_pool and linear on the GPU equal the CPU", "[anchor][cuda]") 
     anchor::segment_pool<float> pg{L, rank, rank ? ddown.p : nullptr, rank ? dup.p : nullptr};
     std::size_t const bytes = anchor::projector_workspace_bytes(context<gpu>{}, pg, sh);
     dev<char> ws(bytes);
-    anchor::project(context<gpu>{}, blas.h, pg, sh, static_cast<float const*>(dx.p), dout.p, ws.p, bytes);
+    anchor::project(on(blas), pg, sh, static_cast<float const*>(dx.p), dout.p, ws.p, bytes);
     REQUIRE(max_rel(dout.host(), want) <= 1e-5);
   }
   anchor::linear<float> lc{W.data(), bias.data(), d}, lg{dW.p, dbias.p, d};
   anchor::project(context<cpu>{2}, lc, sh, x.data(), want.data());
-  anchor::project(context<gpu>{}, blas.h, lg, sh, static_cast<float const*>(dx.p), dout.p);
+  anchor::project(on(blas), lg, sh, static_cast<float const*>(dx.p), dout.p);
   REQUIRE(max_rel(dout.host(), want) <= 1e-5);
 }
 
@@ -213,7 +219,7 @@ TEST_CASE("GPU sampling loop with clamp guidance and re-anchoring equals the CPU
   anchor::nearest_embedding<float> pg{dtab.p, V, d};
   std::size_t const pbytes = anchor::projector_workspace_bytes(context<gpu>{}, pg, sh);
   dev<char> pws(pbytes);
-  auto gg = anchor::make_guidance(context<gpu>{}, sh, anchor::bind<float>(context<gpu>{}, blas.h, pg, sh, pws.p, pbytes),
+  auto gg = anchor::make_guidance(context<gpu>{}, sh, anchor::bind<float>(on(blas), pg, sh, pws.p, pbytes),
                                   sch, ops, dscr.p);
   anchor::keep_clean<gpu, float> kg(context<gpu>{}, sh, dtarget.p, dclean.p);
   auto gpu_model = [&](float const* x, double, float* out) {
@@ -245,18 +251,18 @@ TEST_CASE("anchor bad input on the GPU", "[anchor][cuda][errors]") {
   dev<int> ids(8);
   anchor::nearest_embedding<float> p{table.p, 8, 8};
   dev<char> small(16);
-  REQUIRE_THROWS_WITH(anchor::round_to_nearest(context<gpu>{}, blas.h, p, sh, static_cast<float const*>(x.p), ids.p,
+  REQUIRE_THROWS_WITH(anchor::round_to_nearest(on(blas), p, sh, static_cast<float const*>(x.p), ids.p,
                                                static_cast<float*>(nullptr), small.p, 16),
                       Contains("workspace of 16 bytes"));
   anchor::segment_pool<float> sp{4};
-  REQUIRE_THROWS_WITH(anchor::project(context<gpu>{}, blas.h, sp, sh, static_cast<float const*>(x.p), table.p,
+  REQUIRE_THROWS_WITH(anchor::project(on(blas), sp, sh, static_cast<float const*>(x.p), table.p,
                                       static_cast<void*>(nullptr), 0),
                       Contains("segment_pool: workspace"));
   std::vector<float> nan(64, std::nanf(""));
   dev<float> dn(nan);
   std::size_t const bytes = anchor::workspace_bytes(context<gpu>{}, p, sh);
   dev<char> ws(bytes);
-  REQUIRE_THROWS_WITH(anchor::round_to_nearest(context<gpu>{}, blas.h, p, sh, static_cast<float const*>(dn.p), ids.p,
+  REQUIRE_THROWS_WITH(anchor::round_to_nearest(on(blas), p, sh, static_cast<float const*>(dn.p), ids.p,
                                                static_cast<float*>(nullptr), ws.p, bytes),
                       Contains("no finite score"));
 }

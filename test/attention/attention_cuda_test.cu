@@ -170,6 +170,46 @@ TEMPLATE_TEST_CASE("CUDA attention matches the reference for every pattern", "[a
   compare<TestType>(test::documents{}, 2, 150, 2, d);
 }
 
+// A user's segment policy gets the kernels' fast paths by declaring capabilities
+// (attention/capabilities.hpp), not by being a built-in type: the plan says which path runs, and the
+// results match the reference either way.
+TEMPLATE_TEST_CASE("a user's segment policy takes the paths its capabilities offer, with the reference's results",
+                   "[attention][capabilities][cuda]", __nv_bfloat16, __half) {
+  context<drdiff::cuda> const ctx{};
+  int const n = 333, heads = 2, dim = 64;
+  std::size_t const elems = std::size_t(n) * heads * dim;
+  dbuf<TestType> dq(elems), dk(elems), dv(elems), dout(elems);
+  auto const a = make_attention_args<TestType>(dq.ptr, dk.ptr, dv.ptr, dout.ptr, 1, n, heads, dim);
+
+  attention_launch_info const window = describe_attention(ctx, test::user_window{16}, a);
+  CHECK(window.band_kernel == (window.warps == 4));  // one run of keys per tile: the band kernel (4-warp tiles)
+  CHECK(window.shared_pattern);                      // operator==: one pattern for both heads
+  CHECK_FALSE(window.key_tail);
+  attention_launch_info const plain = describe_attention(ctx, test::user_window_plain{16}, a);
+  CHECK_FALSE(plain.band_kernel);     // the same window without capabilities: the general kernel
+  CHECK_FALSE(plain.shared_pattern);  // no equality: one bound pattern per head
+  attention_launch_info const sinks = describe_attention(ctx, test::user_sink_window{16, 8}, a);
+  CHECK(sinks.key_tail);  // the sink keys ride as the tail of the window's tiles
+  CHECK(sinks.ordinary_passes == 1);
+  CHECK_FALSE(sinks.band_kernel);
+  // The built-in policies get the same paths through the same capabilities.
+  CHECK(describe_attention(ctx, attn::local_window{16}, a).band_kernel == (window.warps == 4));
+  attention_launch_info const builtin = describe_attention(ctx, attn::local_window{16} | attn::global_tokens::first(8), a);
+  CHECK(builtin.key_tail);
+  CHECK(builtin.key_splits > 0);
+
+  compare<TestType>(test::user_window{16}, 2, n, heads, dim, true);
+  compare<TestType>(test::user_window_plain{16}, 2, n, heads, dim, true);
+  compare<TestType>(test::user_window{200}, 1, 150, 1, 128);  // every key in reach
+  compare<TestType>(test::user_sink_window{16, 8}, 2, n, heads, dim, true);
+  compare<TestType>(test::user_sink_window{100, 70}, 1, 500, heads, 128);  // sinks inside the windows: masked tails
+}
+
+TEST_CASE("fp32 on CUDA runs the user's capability policies on the SIMT kernel", "[attention][capabilities][cuda]") {
+  compare<float>(test::user_window{16}, 2, 200, 2, 64, true);
+  compare<float>(test::user_sink_window{16, 8}, 2, 200, 2, 32, true);
+}
+
 TEMPLATE_TEST_CASE("CUDA dense attention (128-row tiles on sm_90a): head_dim 128, padded batches, odd N",
                    "[attention][cuda]", __nv_bfloat16, __half) {
   compare<TestType>(attn::dense{}, 3, 333, 2, 128, true);

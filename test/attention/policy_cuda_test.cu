@@ -20,7 +20,7 @@ __global__ void mask_kernel(attn::pattern p, unsigned char* out) {
 }
 
 struct count_pairs {
-  attn::pattern const* p;
+  attn::tiled_pattern const* p;
   int pass;
   attn::index_range rows;
   unsigned* counts;
@@ -35,7 +35,7 @@ struct count_pairs {
 };
 
 // One thread per (pass, tile): enumerates the tile's segments on the device.
-__global__ void enumerate_kernel(attn::pattern p, int pass, unsigned* counts) {
+__global__ void enumerate_kernel(attn::tiled_pattern p, int pass, unsigned* counts) {
   int const t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= p.num_q_tiles(pass)) return;
   p.for_each_segment(pass, t, count_pairs{&p, pass, p.q_tile(pass, t), counts});
@@ -58,8 +58,7 @@ TEST_CASE("policies evaluate identically in device code", "[attention][policy][c
   };
   auto const h = attn::hsa::from_tiers(tiers);
   for (int n : {50, 333, 777}) {
-    attn::pattern p = h.bind(n, 0);
-    p.tile = 64;
+    attn::tiled_pattern const p = h.bind(n, 0).tiles(64);
     INFO("N = " << n);
     device_buffer<unsigned char> d_mask(std::size_t(n) * n);
     mask_kernel<<<n, 128>>>(p, d_mask.ptr);

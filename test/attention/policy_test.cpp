@@ -2,6 +2,7 @@
 // exactly the keys the mask allows, each once.
 
 #include <drdiff/attention/block_segments.hpp>
+#include <drdiff/attention/capabilities.hpp>
 #include <drdiff/attention/policies.hpp>
 
 #include <catch2/catch.hpp>
@@ -29,11 +30,11 @@ namespace {
     if (!(cond)) FAIL("expected " #cond " (line " << __LINE__ << ")"); \
   } while (0)
 
-std::string describe(attn::pattern const& p) {
+std::string describe(attn::pattern const& p, int tile = 64) {
   std::ostringstream os;
   os << "n=" << p.n << " dense=" << p.is_dense << " w=" << p.window << " dil={";
   for (int c = 0; c < p.num_dilations; ++c) os << "(" << p.dil[c].rate << "," << p.dil[c].span << ")";
-  os << "} rule=" << int(p.rule) << " G=" << p.num_global << " gstride=" << p.global_stride << " tile=" << p.tile;
+  os << "} rule=" << int(p.rule) << " G=" << p.num_global << " gstride=" << p.global_stride << " tile=" << tile;
   return os.str();
 }
 
@@ -72,11 +73,20 @@ double check_segments(S const& seg, int n, std::function<bool(int, int)> const& 
           for (int r = 0; r < rows.count; ++r) {
             int const i = rows[r];
             bool const own = seg.owns(p, i, j);
-            if constexpr (std::is_same_v<S, attn::pattern>) {  // the kernels' hoisted form agrees
-              int comp = 0;
-              attn::pass_kind const k = seg.kind(p, &comp);
-              if (!seg.is_global(i) && k != attn::pass_kind::global_rows)
-                EXPECT(seg.owns_segment_key(k, comp, i, j) == own);
+            if constexpr (attn::has_capabilities_v<S>) {  // the capabilities the kernels use agree
+              auto const view = attn::pass_view(seg, p);
+              attn::pass_traits const tr = view.traits(seg);
+              if (view.live_row(seg, i)) {
+                EXPECT(view.owns_key(seg, i, j) == own);
+                int const d = std::abs(i - j);
+                if (tr.has_band()) EXPECT(own == (d >= tr.band_lo && d <= tr.band_hi));
+                if (tr.key_tail && p > 0) EXPECT(attn::pass_view(seg, p - 1).tail().owns_key(seg, i, j) == own);
+              } else {
+                EXPECT(!own);
+              }
+              if (tr.dense || tr.key_split) EXPECT(exact);
+              if (tr.one_run)
+                EXPECT(rows.stride == 1 && !rows.list && j >= rows.start - tr.band_hi && j <= rows[rows.count - 1] + tr.band_hi);
             }
             if (exact) EXPECT(own);
             if (own) {
@@ -88,6 +98,28 @@ double check_segments(S const& seg, int n, std::function<bool(int, int)> const& 
           }
         }
       });
+    }
+  }
+  if constexpr (attn::has_tail_segment_v<S>) {  // a key-tail pass's segment for the rows of pass − 1's tiles
+    for (int p = 1; p < seg.num_passes(); ++p) {
+      if (!attn::traits_of(seg, p).key_tail) continue;
+      for (int t = 0; t < seg.num_q_tiles(p - 1); ++t) {
+        index_range const rows = seg.q_tile(p - 1, t);
+        if (rows.empty()) continue;
+        std::vector<unsigned char> in_tail(n, 0), exact_key(n, 0);
+        seg.tail_segment(p, rows, [&](index_range keys, bool exact) {
+          for (int c = 0; c < keys.count; ++c) {
+            in_tail[keys[c]] = 1;
+            exact_key[keys[c]] = exact ? 1 : 0;
+          }
+        });
+        for (int r = 0; r < rows.count; ++r)
+          for (int j = 0; j < n; ++j) {
+            bool const own = seg.owns(p, rows[r], j);
+            if (own) EXPECT(in_tail[j]);
+            if (exact_key[j]) EXPECT(own);
+          }
+      }
     }
   }
   for (int i = 0; i < n; ++i)
@@ -172,10 +204,10 @@ TEST_CASE("random unions: segments and blocks visit exactly the allowed keys, ea
     int const n = std::uniform_int_distribution<int>(1, it % 10 == 0 ? 300 : 140)(rng);
     random_config cfg = make_random(rng, n);
     REQUIRE_NOTHROW(cfg.u.validate(n, 1));
-    attn::pattern p = cfg.u.bind(n, 0);
-    p.tile = std::array<int, 4>{1, 5, 16, 64}[it % 4];
-    INFO(describe(p));
-    check_segments(p, n, [&](int i, int j) { return p.mask(i, j); });
+    attn::pattern const p = cfg.u.bind(n, 0);
+    int const tile = std::array<int, 4>{1, 5, 16, 64}[it % 4];
+    INFO(describe(p, tile));
+    check_segments(p.tiles(tile), n, [&](int i, int j) { return p.mask(i, j); });
     check_blocks(p, n);
   }
 }
@@ -226,10 +258,9 @@ TEST_CASE("every default hsa tier: exact enumeration, and most pairs in exact se
           "[attention][policy][hsa][cpu]") {
   attn::hsa const h{};
   for (int n : {700, 1024, 1500, 4096, 5000}) {
-    attn::pattern p = h.bind(n, 0);
-    p.tile = 64;
+    attn::pattern const p = h.bind(n, 0);
     INFO(describe(p));
-    double const exact = check_segments(p, n, [&](int i, int j) { return p.mask(i, j); });
+    double const exact = check_segments(p.tiles(64), n, [&](int i, int j) { return p.mask(i, j); });
     check_blocks(p, n);
     // Masks are evaluated only on tile edges: at least 60% of the allowed pairs need none.
     REQUIRE(exact > 0.6);
@@ -241,14 +272,56 @@ TEST_CASE("per-head dilation binds a different rate per head", "[attention][poli
   attn::dilated const d{2, 64, rates};
   REQUIRE_NOTHROW(d.validate(500, 4));
   for (int h = 0; h < 4; ++h) {
-    attn::pattern p = d.bind(500, h);
+    attn::pattern const p = d.bind(500, h);
     REQUIRE(p.dil[0].rate == rates[h]);
-    p.tile = 16;
-    check_segments(p, 500, [&](int i, int j) { return std::abs(i - j) <= 64 && (i - j) % rates[h] == 0; });
+    check_segments(p.tiles(16), 500, [&](int i, int j) { return std::abs(i - j) <= 64 && (i - j) % rates[h] == 0; });
   }
 }
 
 using test::documents;
+
+TEST_CASE("bound patterns compare equal exactly when they are the same pattern", "[attention][policy][cpu]") {
+  int const rates[] = {1, 2, 2};
+  attn::dilated const d{2, 64, rates};
+  REQUIRE(d.bind(500, 1) == d.bind(500, 2));  // the same rate: one pattern, shared between the heads
+  REQUIRE(d.bind(500, 0) != d.bind(500, 1));
+  REQUIRE(d.bind(500, 1).tiles(64) == d.bind(500, 2).tiles(64));
+  REQUIRE(d.bind(500, 1).tiles(64) != d.bind(500, 1).tiles(128));
+  attn::hsa const h{};
+  REQUIRE(h.bind(5000, 0) == h.bind(5000, 3));
+  REQUIRE(h.bind(5000, 0) != h.bind(5001, 0));
+  REQUIRE(attn::same_pattern(h.bind(5000, 0).tiles(64), h.bind(5000, 1).tiles(64)));
+  REQUIRE_FALSE(attn::same_pattern(attn::segments_of(documents{}, 64), attn::segments_of(documents{}, 64)));  // no ==
+  static_assert(attn::head_independent_v<documents> && !attn::head_independent_v<attn::hsa>);
+}
+
+TEST_CASE("user segment policies with capabilities: segments, blocks and capabilities agree with the mask",
+          "[attention][policy][capabilities][cpu]") {
+  static_assert(attn::has_capabilities_v<test::user_window> && !attn::has_capabilities_v<test::user_window_plain>);
+  static_assert(attn::has_capabilities_v<test::user_sink_window> && attn::has_tail_segment_v<test::user_sink_window>);
+  static_assert(attn::has_capabilities_v<attn::tiled_pattern>);
+  for (int n : {1, 7, 64, 65, 200, 333})
+    for (int w : {0, 3, 64, 100}) {
+      INFO("n " << n << " w " << w);
+      auto const uw = test::user_window{w}.bind(n, 0);
+      REQUIRE(attn::traits_of(uw, 0).one_run);
+      check_segments(uw, n, [&](int i, int j) { return uw.mask(i, j); });
+      check_blocks(uw, n);
+      auto const plain = test::user_window_plain{w}.bind(n, 0);
+      REQUIRE_FALSE(attn::traits_of(plain, 0).one_run);
+      check_segments(plain, n, [&](int i, int j) { return plain.mask(i, j); });
+      for (int sinks : {1, 5, 70}) {
+        INFO("sinks " << sinks);
+        auto const sw = test::user_sink_window{w, sinks}.bind(n, 0);
+        REQUIRE(attn::traits_of(sw, 1).key_tail);
+        check_segments(sw, n, [&](int i, int j) { return sw.mask(i, j); });
+        check_blocks(sw, n);
+      }
+    }
+  REQUIRE(attn::same_pattern(test::user_window{4}.bind(100, 0), test::user_window{4}.bind(100, 1)));
+  REQUIRE_FALSE(attn::same_pattern(test::user_window{4}.bind(100, 0), test::user_window{5}.bind(100, 0)));
+  REQUIRE_FALSE(attn::same_pattern(test::user_window_plain{4}.bind(100, 0), test::user_window_plain{4}.bind(100, 0)));
+}
 
 TEST_CASE("a block-path policy is presented as one segment pass", "[attention][policy][block][cpu]") {
   static_assert(attn::is_policy_v<documents>);

@@ -69,7 +69,7 @@ TEST_CASE("the routed MoE from 4 threads at once equals 4 sequential calls, bit 
   for (int i = 0; i < 4; ++i) x.push_back(normals(std::size_t(T) * d, seed + 10 + i));
   auto run = [&](int i, std::vector<float>& out) {
     out.assign(std::size_t(T) * d, std::nanf(""));
-    router::moe_args a;
+    router::moe_args<float> a;
     a.tokens = T; a.d_model = d; a.d_ff = f; a.experts = E;
     a.x = x[i].data(); a.w_router = wr.data(); a.b_router = br.data(); a.w_up = up.data(); a.w_down = down.data();
     a.out = out.data();

@@ -55,7 +55,7 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   auto sup = make(std::size_t(S) * f * d, 0.125f), sgate = make(std::size_t(S) * f * d, 0.125f);
   auto sdown = make(std::size_t(S) * d * f, 0.09f);
   std::vector<float> out_cpu(std::size_t(T_) * d);
-  moe_args a;
+  moe_args<float> a;
   a.tokens = T_; a.d_model = d; a.d_ff = f; a.experts = E;
   a.x = x.data(); a.w_router = wr.data(); a.b_router = br.data(); a.w_up = up.data(); a.w_gate = gate.data();
   a.w_down = down.data(); a.out = out_cpu.data();
@@ -69,7 +69,8 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   for (auto& v : scores) v = ud(rng);
   a.maybe_token_scores = scores.data();
   moe_stats st;
-  moe_forward(context<cpu>{}, r, a, &st);
+  a.maybe_stats = &st;
+  moe_forward(context<cpu>{}, r, a);
 
   std::list<thrust::device_vector<unsigned char>> owned;  // device memory owned by Thrust (stable addresses)
   auto upload = [&](void const* src, std::size_t bytes) {
@@ -88,11 +89,10 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
   auto* dscores = static_cast<float*>(upload(scores.data(), scores.size() * sizeof(float)));
   cublasHandle_t handle;
   REQUIRE(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS);
-  cuda_moe_args<T> g;
+  moe_args<T> g;
   g.tokens = T_; g.d_model = d; g.d_ff = f; g.experts = E;
   g.x = dx; g.w_router = dwr; g.b_router = dbr; g.w_up = dup; g.w_gate = dgate; g.w_down = ddown; g.out = dout;
-  g.act = swiglu ? cuda_activation::swiglu : cuda_activation::gelu;
-  g.cublas = handle;
+  g.act = swiglu ? activation::swiglu : activation::gelu;
   g.gemm_mode = mode;
   g.shared_experts = shared;
   g.capacity_factor = capacity;
@@ -108,12 +108,15 @@ comparison compare(R const& r, bool swiglu, unsigned seed, moe_gemm_mode mode = 
     g.residual = dres;
     g.out = nullptr;
   }
-  std::size_t const bytes = moe_workspace_bytes(r, g);
+  context<drdiff::cuda> ctx{};  // drdiff::cuda: libcu++ declares a ::cuda too
+  ctx.cublas = handle;
+  std::size_t const bytes = moe_workspace_bytes(ctx, r, g);
   owned.emplace_back(std::max<std::size_t>(bytes, 1));
   void* ws = thrust::raw_pointer_cast(owned.back().data());
-  std::vector<int> per_expert;
   moe_stats gs;
-  int const dropped = moe_forward(context<drdiff::cuda>{}, r, g, ws, bytes, &per_expert, nullptr, &gs);  // ::cuda: libcu++
+  g.maybe_stats = &gs;
+  int const dropped = moe_forward(ctx, r, g, ws, bytes);
+  std::vector<int> const& per_expert = gs.tokens_per_expert;
   std::vector<double> out_gpu(std::size_t(T_) * d);
   if (residual) {
     std::vector<float> r(out_gpu.size());
@@ -207,11 +210,10 @@ TEST_CASE("the CUDA MoE adds into an fp32 residual stream", "[router][moe][cuda]
 }
 
 TEST_CASE("the CUDA MoE rejects a call with neither out nor residual, or both", "[router][moe][cuda]") {
-  cuda_moe_args<float> g;
+  moe_args<float> g;
   g.tokens = 4; g.d_model = 8; g.d_ff = 8; g.experts = 2;
   float dummy = 0.f;
   g.x = g.w_router = g.w_up = g.w_down = &dummy;
-  g.cublas = reinterpret_cast<cublasHandle_t>(&dummy);  // never used: validation comes first
   char ws[64];
   REQUIRE_THROWS_WITH(moe_forward(context<drdiff::cuda>{}, top_k{1, true}, g, ws, sizeof ws),
                       Catch::Contains("out (or residual)"));

@@ -158,8 +158,8 @@ struct moe_problem {
     fill(s_down, std::size_t(2) * d * f, 1.f / std::sqrt(float(f)));
     out.assign(std::size_t(T) * d, std::nanf(""));
   }
-  moe_args args(activation act) {
-    moe_args a;
+  moe_args<float> args(activation act) {
+    moe_args<float> a;
     a.tokens = T; a.d_model = d; a.d_ff = f; a.experts = E;
     a.x = x.data(); a.w_router = wr.data(); a.b_router = br.data();
     a.w_up = up.data(); a.w_gate = gate.data(); a.w_down = down.data(); a.out = out.data();
@@ -235,7 +235,9 @@ void check_moe(R const& r, activation act, std::uint64_t seed, int shared = 0) {
   moe_problem p(97, 32, 64, 8, seed);
   p.shared = shared;
   moe_stats st;
-  moe_forward(context<cpu>{2}, r, p.args(act), &st);
+  auto a = p.args(act);
+  a.maybe_stats = &st;
+  moe_forward(context<cpu>{2}, r, a);
   double const err = rel_diff(p.out, p.reference(r, act));
   INFO("relative error " << err);
   REQUIRE(err <= 1e-5);
@@ -250,6 +252,24 @@ TEST_CASE("the routed MoE equals a per-token loop over the selected experts", "[
   check_moe(top_p{0.5f, 1, 4, false}, activation::gelu, seed + 2);
   check_moe(adaptive<entropy_score>{1, 4}, activation::swiglu, seed + 3);
   check_moe(top_k{2, true}, activation::swiglu, seed + 4, /*shared=*/2);  // shared experts always on
+}
+
+TEST_CASE("the MoE adds its output to an fp32 residual stream instead of writing out", "[router][moe][cpu]") {
+  moe_problem p(97, 32, 64, 8, test::fresh_seed());
+  moe_forward(context<cpu>{2}, top_k{2, true}, p.args(activation::gelu));
+  std::vector<float> const out = p.out;
+  std::vector<float> res(out.size());
+  for (std::size_t i = 0; i < res.size(); ++i) res[i] = float(i % 7) - 3.f;
+  std::vector<float> const base = res;
+  auto a = p.args(activation::gelu);
+  a.out = nullptr;
+  a.residual = res.data();
+  moe_forward(context<cpu>{2}, top_k{2, true}, a);
+  std::size_t mismatches = 0;
+  for (std::size_t i = 0; i < res.size(); ++i) mismatches += res[i] != base[i] + out[i];  // the same sum, one add
+  REQUIRE(mismatches == 0);
+  a.out = p.out.data();
+  REQUIRE_THROWS_WITH(moe_forward(context<cpu>{1}, top_k{2, true}, a), Contains("out and residual are both set"));
 }
 
 TEST_CASE("a capacity limit drops the selections past it, in token order", "[router][moe][cpu]") {

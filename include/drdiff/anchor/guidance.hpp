@@ -15,6 +15,7 @@
 #include <drdiff/anchor/absorbing.hpp>
 #include <drdiff/attention/policy/global_tokens.hpp>
 #include <drdiff/core/backend.hpp>
+#include <drdiff/core/traits.hpp>
 #include <drdiff/core/error.hpp>
 #include <drdiff/solver/noise_schedule.hpp>
 
@@ -27,6 +28,23 @@
 #include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
+namespace detail {
+/// x0 ← x0 + γ·(p − x0) on backend B; specialised in cpu/anchor.hpp and cuda/anchor.cuh.
+template <class B>
+struct anchor_blend_impl {
+  static_assert(dependent_false<B>,
+                "drdiff::anchor::guidance: no blend for this backend. For drdiff::cpu include <drdiff/cpu/anchor.hpp>; "
+                "for drdiff::cuda include <drdiff/cuda/anchor.cuh> in a .cu file.");
+};
+/// x[token] = clean[token] for tokens whose target flag is 0, on backend B.
+template <class B>
+struct anchor_keep_impl {
+  static_assert(dependent_false<B>,
+                "drdiff::anchor::keep_clean: no implementation for this backend. For drdiff::cpu include "
+                "<drdiff/cpu/anchor.hpp>; for drdiff::cuda include <drdiff/cuda/anchor.cuh> in a .cu file.");
+};
+}  // namespace detail
+
 namespace anchor {
 
 /// When guidance acts and how strongly. A call at (t, step) applies when `step` is in `steps` (or
@@ -59,23 +77,6 @@ struct guidance_schedule {
   }
 };
 
-namespace detail {
-/// x0 ← x0 + γ·(p − x0) on backend B; specialised in cpu/anchor.hpp and cuda/anchor.cuh.
-template <class B>
-struct blend_impl {
-  static_assert(!std::is_same_v<B, B>,
-                "drdiff::anchor::guidance: no blend for this backend. For drdiff::cpu include <drdiff/cpu/anchor.hpp>; "
-                "for drdiff::cuda include <drdiff/cuda/anchor.cuh> in a .cu file.");
-};
-/// x[token] = clean[token] for tokens whose target flag is 0, on backend B.
-template <class B>
-struct keep_impl {
-  static_assert(!std::is_same_v<B, B>,
-                "drdiff::anchor::keep_clean: no implementation for this backend. For drdiff::cpu include "
-                "<drdiff/cpu/anchor.hpp>; for drdiff::cuda include <drdiff/cuda/anchor.cuh> in a .cu file.");
-};
-}  // namespace detail
-
 /// The correct_x0 hook of anchor guidance. `project(x, out)` is a bound projector (anchor::bind);
 /// `scratch` holds shape.elements() values of T in the backend's memory (caller-owned).
 template <class Backend, class T, class Project, class S>
@@ -96,7 +97,8 @@ class guidance {
     if (g == 0.0) return;
     ++applied_;
     project_(static_cast<T const*>(x0), scratch_);
-    detail::blend_impl<Backend>::run(ctx_, x0, static_cast<T const*>(scratch_), g, std::size_t(shape_.elements()));
+    drdiff::detail::anchor_blend_impl<Backend>::run(ctx_, x0, static_cast<T const*>(scratch_), g,
+                                                    std::size_t(shape_.elements()));
   }
   /// Calls that applied guidance so far, and the γ of the latest call.
   int applied() const noexcept { return applied_; }
@@ -137,7 +139,7 @@ struct keep_clean {
     DRDIFF_CHECK(clean != nullptr, "keep_clean: clean is a null pointer");
   }
   void operator()(T* x, double /*t*/, int /*step*/ = 0) const {
-    detail::keep_impl<Backend>::run(ctx, x, clean, target, shape);
+    drdiff::detail::anchor_keep_impl<Backend>::run(ctx, x, clean, target, shape);
   }
 };
 

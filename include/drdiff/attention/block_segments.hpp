@@ -7,6 +7,8 @@
 #include <drdiff/attention/concepts.hpp>
 #include <drdiff/attention/index_range.hpp>
 
+#include <utility>
+
 DRDIFF_NAMESPACE_BEGIN
 namespace attn {
 
@@ -23,6 +25,11 @@ struct block_segments {
   }
   DRDIFF_EXEC_CHECK_DISABLE
   DRDIFF_HOST_DEVICE constexpr bool owns(int, int i, int j) const noexcept { return policy.mask(i, j); }
+  /// One wrapper per head is the same as another when the policies compare equal (when P has ==).
+  template <class Q = P, class = decltype(bool(std::declval<Q const&>() == std::declval<Q const&>()))>
+  friend constexpr bool operator==(block_segments const& a, block_segments const& b) {
+    return a.n == b.n && bool(a.policy == b.policy);
+  }
   DRDIFF_EXEC_CHECK_DISABLE
   template <class F>
   DRDIFF_HOST_DEVICE constexpr void for_each_segment(int, int t, F&& f) const {
@@ -37,11 +44,15 @@ struct block_segments {
   }
 };
 
-/// The segment view of a bound policy: itself when it has segments, else a block_segments wrapper.
+/// The segment view of a bound policy: its segment path in query tiles of `tile_rows` rows when it
+/// lets the backend choose the tile height (`tiles(rows)`, as attn::pattern does), itself when it has
+/// segments of its own, else a block_segments wrapper. `tile_rows` is the backend's choice; policies
+/// with their own tiles ignore it.
 template <class B>
-DRDIFF_HOST_DEVICE constexpr auto segments_of(B const& bound, int n) {
-  if constexpr (detail::has_segments<B>::value) return bound;
-  else return block_segments<B>{bound, n};
+DRDIFF_HOST_DEVICE constexpr auto segments_of(B const& bound, int n, int tile_rows = 64) {
+  if constexpr (detail::has_tiles<B>::value) return (void)n, bound.tiles(tile_rows);
+  else if constexpr (detail::has_segments<B>::value) return (void)n, (void)tile_rows, bound;
+  else return (void)tile_rows, block_segments<B>{bound, n};
 }
 
 }  // namespace attn

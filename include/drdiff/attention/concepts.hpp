@@ -15,6 +15,10 @@
 ///   bool owns(int pass, int q, int k) const;
 ///   template <class T> void row_mask(int pass, int q, index_range keys, T* keep) const;  // optional:
 ///                                                  // owns() for a row of keys at once, as 1/0
+/// A bound policy may instead let the backend choose its query-tile height: `tiles(int rows)` returns
+/// its segment path in tiles of that many rows (attn::pattern → attn::tiled_pattern; segments_of).
+/// A segment policy may also declare capabilities that let backends take faster paths (distance
+/// bands, key splits, key tails, one run of keys per tile): attention/capabilities.hpp.
 /// A policy whose pattern depends on the sequence length or the head has `bind(int n, int head)`
 /// returning the bound policy, and may have `void validate(int n, int heads) const` (throws
 /// drdiff::error on bad parameters).
@@ -76,6 +80,13 @@ struct has_segments<
                               decltype(std::declval<P const&>().for_each_segment(0, 0, segment_probe{}))>>
     : std::true_type {};
 
+/// A bound policy that lets the backend pick the query-tile height: `tiles(int rows)` returns its
+/// segment path (attn::pattern).
+template <class P, class = void>
+struct has_tiles : std::false_type {};
+template <class P>
+struct has_tiles<P, drdiff::detail::void_t<decltype(std::declval<P const&>().tiles(0))>> : std::true_type {};
+
 template <class P, class T, class = void>
 struct has_row_mask : std::false_type {};
 template <class P, class T>
@@ -109,7 +120,13 @@ template <class P>
 inline constexpr bool is_policy_v = detail::is_block_policy<bound_t<P>>::value;
 /// True when P (once bound) also describes its keys as strided segments.
 template <class P>
-inline constexpr bool has_segments_v = detail::has_segments<bound_t<P>>::value;
+inline constexpr bool has_segments_v =
+    detail::has_segments<bound_t<P>>::value || detail::has_tiles<bound_t<P>>::value;
+/// True when P is known to bind to the same policy for every head: it has no bind(n, head). (Other
+/// policies share one bound pattern between heads when their bound patterns compare equal:
+/// attn::same_pattern.)
+template <class P>
+inline constexpr bool head_independent_v = !detail::has_bind<P>::value;
 
 #if DRDIFF_HAS_CONCEPTS
 /// C++20 spelling of the contract.

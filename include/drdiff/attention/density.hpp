@@ -4,10 +4,11 @@
 /// mask): the "useful work" of benchmarks (useful FLOPs = 4·D·pairs) and the density of a pattern.
 
 #include <drdiff/attention/block_segments.hpp>
+#include <drdiff/attention/capabilities.hpp>
 #include <drdiff/attention/concepts.hpp>
 
 #include <cstdint>
-#include <cstring>
+#include <optional>
 #include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
@@ -22,10 +23,10 @@ std::int64_t allowed_pairs(P const& p, int n, int heads = 1, int kv_len = -1) {
   using seg_t = decltype(segments_of(bind(p, n, 0), n));
   std::int64_t total = 0, first_head = 0;
   std::vector<std::int32_t> keep;
-  alignas(seg_t) unsigned char first[sizeof(seg_t)];  // head 0's bound pattern, bytes
+  std::optional<seg_t> first;  // head 0's bound pattern
   for (int h = 0; h < heads; ++h) {
     seg_t const seg = segments_of(bind(p, n, h), n);
-    if (h > 0 && std::memcmp(&seg, first, sizeof(seg)) == 0) {  // same pattern as head 0
+    if (h > 0 && (head_independent_v<P> || same_pattern(seg, *first))) {  // the same pattern as head 0
       total += first_head;
       continue;
     }
@@ -54,7 +55,7 @@ std::int64_t allowed_pairs(P const& p, int n, int heads = 1, int kv_len = -1) {
       }
     if (h == 0) {
       first_head = count;
-      std::memcpy(first, &seg, sizeof(seg));
+      first = seg;
     }
     total += count;
   }

@@ -4,10 +4,13 @@
 ///
 /// Every built-in policy (dense, local_window, dilated, global_tokens, their unions and hsa) binds to a
 /// `pattern` at run time (`policy.bind(n, head)`). The pattern is the one place that knows how the
-/// pieces combine: it defines the mask and enumerates the keys each query tile visits, both as
-/// 64×64 blocks (the block path every policy offers) and as strided key segments split into disjoint
-/// passes (the path the kernels take). See docs/attention.md.
+/// pieces combine: it defines the mask, the disjoint passes and which pass owns each pair, the keys of
+/// 64×64 blocks (the block path every policy offers), and what each pass offers the kernels
+/// (capabilities.hpp). Its segment path — query tiles and the strided key segments each visits, the
+/// path the kernels take — is `attn::tiled_pattern`, the pattern in tiles of a height the backend
+/// chooses (`pattern::tiles(rows)`): the semantic pattern holds no tile. See docs/attention.md.
 
+#include <drdiff/attention/capabilities.hpp>
 #include <drdiff/attention/index_range.hpp>
 #include <drdiff/core/config.hpp>
 
@@ -40,6 +43,8 @@ enum class pass_kind : int {
   global_keys    ///< global keys not already covered by the window or a dilation
 };
 
+struct tiled_pattern;
+
 /// A pattern bound to one sequence length `n` (and one head). Trivially copyable; the global list,
 /// when used, is borrowed (host memory on the CPU backend, device memory on the CUDA backend).
 struct pattern {
@@ -56,7 +61,6 @@ struct pattern {
   int num_global = 0;      ///< G
   int global_stride = 1;   ///< rule == strided: ⌊N/G⌋
   int const* global_list = nullptr;  ///< rule == list: G sorted positions
-  int tile = 64;           ///< query rows per tile on the segment path (chosen by the backend)
 
   // ---- the definition ------------------------------------------------------------------------
 
@@ -137,43 +141,6 @@ struct pattern {
   DRDIFF_HOST_DEVICE constexpr int first_plain_row() const noexcept {
     return rule == global_rule::first ? (num_global < n ? num_global : n) : 0;
   }
-  /// Query tiles per dilation phase for component c (every phase gets the same count; short phases
-  /// end with empty tiles).
-  DRDIFF_HOST_DEVICE constexpr int phase_tiles(int c) const noexcept {
-    int const rows = n - first_plain_row();
-    int const per_phase = (rows + dil[c].rate - 1) / dil[c].rate;  // rows of phase 0, the longest
-    return (per_phase + tile - 1) / tile;
-  }
-  DRDIFF_HOST_DEVICE constexpr int num_q_tiles(int p) const noexcept {
-    int c = 0;
-    switch (kind(p, &c)) {
-      case pass_kind::dense_rows: return (n + tile - 1) / tile;
-      case pass_kind::global_rows: return (num_global + tile - 1) / tile;
-      case pass_kind::dilated: return dil[c].rate * phase_tiles(c);
-      default: return (n - first_plain_row() + tile - 1) / tile;
-    }
-  }
-  /// Query rows of tile t of pass p (possibly empty).
-  DRDIFF_HOST_DEVICE constexpr index_range q_tile(int p, int t) const noexcept {
-    int c = 0;
-    switch (kind(p, &c)) {
-      case pass_kind::dense_rows: return contiguous(t * tile, min_(n, t * tile + tile));
-      case pass_kind::global_rows: return global_keys().sub(t * tile, min_(tile, num_global - t * tile));
-      case pass_kind::dilated: {
-        int const rate = dil[c].rate, per = phase_tiles(c);
-        if (per == 0) return index_range{};
-        int const phase = t / per, chunk = t % per;
-        int const r0 = first_plain_row() + phase;  // first row of this phase
-        int const rows = r0 < n ? (n - r0 + rate - 1) / rate : 0;
-        int const a0 = chunk * tile;
-        return index_range{r0 + rate * a0, rate, min_(tile, rows - a0), nullptr};
-      }
-      default: {
-        int const r0 = first_plain_row() + t * tile;
-        return contiguous(r0, min_(n, r0 + tile));
-      }
-    }
-  }
   /// True when query i attends key j and pass p owns the pair.
   DRDIFF_HOST_DEVICE constexpr bool owns(int p, int i, int j) const noexcept {
     int c = 0;
@@ -199,38 +166,6 @@ struct pattern {
       default: return true;
     }
   }
-  /// Calls `f(index_range keys, bool exact)` for the key segments of tile t of pass p, in increasing
-  /// key order, disjoint. `exact` means every pair (row of the tile, key of the segment) is owned by
-  /// the pass; otherwise the backend evaluates `owns(p, i, j)` per element. Keys are in [0, n).
-  DRDIFF_EXEC_CHECK_DISABLE
-  template <class F>
-  DRDIFF_HOST_DEVICE constexpr void for_each_segment(int p, int t, F&& f) const {
-    index_range const rows = q_tile(p, t);
-    if (rows.empty()) return;
-    int c = 0;
-    switch (kind(p, &c)) {
-      case pass_kind::dense_rows:
-      case pass_kind::global_rows: f(contiguous(0, n), true); return;
-      case pass_kind::window_band: {
-        bool const clean = !any_global_row(rows);
-        ring(0, 1, rows.start, rows.start + rows.count, 0, window, n, clean, f);
-        return;
-      }
-      case pass_kind::dilated: {
-        int const rate = dil[c].rate;
-        int const phase = rows.start % rate;
-        int const a0 = rows.start / rate;  // rows in phase coordinates: a0 .. a0 + count − 1
-        int const lo = window >= 0 ? window / rate + 1 : 0;
-        int const hi = dil[c].span / rate;
-        if (lo > hi) return;
-        int const keys = (n - phase + rate - 1) / rate;  // phase-p keys in [0, n)
-        bool const clean = c == 0 && !any_global_row(rows);
-        ring(phase, rate, a0, a0 + rows.count, lo, hi, keys, clean, f);
-        return;
-      }
-      default: global_key_segment(rows, f); return;
-    }
-  }
   /// The key segment of the global-key pass for any non-empty, increasing set of rows (the pass's own
   /// tiles, or the rows of another pass's tile when a backend runs both passes in one): `f(keys,
   /// exact)` once. Exact when no row is global and no global key is within reach of the rows (then
@@ -250,57 +185,34 @@ struct pattern {
     }
     f(g, exact);
   }
-
-  /// Row form of `owns` (optional member of the segment interface, used by the CPU kernel):
-  /// keep[x] = owns(p, i, keys[x]) for x < keys.count, written as 1/0. Window and dilated passes
-  /// write the owned keys of the row as one or two runs (then clear what earlier dilations own)
-  /// instead of testing each key; the global-key pass tests each key without the global lookups.
-  template <class T>
-  DRDIFF_HOST_DEVICE constexpr void row_mask(int p, int i, index_range keys, T* keep) const {
-    int c = 0;
-    pass_kind const k = kind(p, &c);
-    if (k == pass_kind::global_keys) {
-      bool const row_global = is_global(i);
-      for (int x = 0; x < keys.count; ++x) {
-        int const j = keys[x];
-        keep[x] = !row_global && !in_window(i, j) && !in_any_dilation(i, j) ? T(1) : T(0);
-      }
-      return;
-    }
-    bool const runs = !keys.list && (k == pass_kind::window_band ||
-                                     (k == pass_kind::dilated && keys.stride % dil[c].rate == 0 &&
-                                      (keys.start - i) % dil[c].rate == 0));
-    if (!runs) {
-      for (int x = 0; x < keys.count; ++x) keep[x] = owns(p, i, keys[x]) ? T(1) : T(0);
-      return;
-    }
-    for (int x = 0; x < keys.count; ++x) keep[x] = T(0);
-    if (is_global(i)) return;
-    // Keys j = start + stride·x; owned when lo ≤ |i − j| ≤ hi (window: lo = 0; dilated: past the
-    // window, and the segment lies in i's phase so every key is a multiple of the rate away).
-    int const lo = k == pass_kind::window_band ? 0 : (window >= 0 ? window + 1 : 0);
-    int const hi = k == pass_kind::window_band ? window : dil[c].span;
-    // Calls g(x) for the keys x with j0 ≤ keys[x] ≤ j1.
-    auto each = [&](long long j0, long long j1, auto&& g) {
-      long long const st = keys.stride;
-      long long const x0 = j0 <= keys.start ? 0 : (j0 - keys.start + st - 1) / st;
-      long long x1 = j1 < keys.start ? -1 : (j1 - keys.start) / st;
-      if (x1 >= keys.count) x1 = keys.count - 1;
-      for (long long x = x0; x <= x1; ++x) g(static_cast<int>(x));
-    };
-    auto set = [&](int x) { keep[x] = T(1); };
-    long long const ii = i;
-    if (lo == 0) {
-      each(ii - hi, ii + hi, set);
-    } else {
-      each(ii - hi, ii - lo, set);
-      each(ii + lo, ii + hi, set);
-    }
-    for (int e = 0; k == pass_kind::dilated && e < c; ++e)  // pairs an earlier dilation owns
-      each(ii - dil[e].span, ii + dil[e].span, [&](int x) {
-        if (in_dilation(e, i, keys[x])) keep[x] = T(0);
-      });
+  /// The segment of key-tail pass `pass` (the global keys) for rows of a tile of pass − 1
+  /// (capability; attention/capabilities.hpp).
+  DRDIFF_EXEC_CHECK_DISABLE
+  template <class F>
+  DRDIFF_HOST_DEVICE constexpr void tail_segment(int, index_range rows, F&& f) const {
+    global_key_segment(rows, f);
   }
+
+  // ---- capabilities (attention/capabilities.hpp) ------------------------------------------------
+
+  struct pass_ref;
+  /// The view of pass p: its kind, computed once, and what it offers the backends.
+  DRDIFF_HOST_DEVICE constexpr pass_ref pass_view(int p) const noexcept;
+
+  /// The same pattern (for sharing one bound pattern between heads): every field that defines it.
+  DRDIFF_HOST_DEVICE friend constexpr bool operator==(pattern const& a, pattern const& b) noexcept {
+    if (a.n != b.n || a.is_dense != b.is_dense || a.window != b.window || a.num_dilations != b.num_dilations ||
+        a.rule != b.rule || a.num_global != b.num_global || a.global_stride != b.global_stride ||
+        a.global_list != b.global_list)
+      return false;
+    for (int c = 0; c < a.num_dilations; ++c)
+      if (a.dil[c].rate != b.dil[c].rate || a.dil[c].span != b.dil[c].span) return false;
+    return true;
+  }
+  DRDIFF_HOST_DEVICE friend constexpr bool operator!=(pattern const& a, pattern const& b) noexcept { return !(a == b); }
+
+  /// The segment path of this pattern in query tiles of `rows` rows (the backend's choice).
+  DRDIFF_HOST_DEVICE constexpr tiled_pattern tiles(int rows) const noexcept;
 
   // ---- the block path (block_q × block_k blocks) ----------------------------------------------
 
@@ -327,7 +239,7 @@ struct pattern {
     return window >= 0 && q1 - 1 - k0 <= window && k1 - 1 - q0 <= window;
   }
 
- private:
+ protected:
   DRDIFF_HOST_DEVICE static constexpr int min_(int a, int b) noexcept { return a < b ? a : b; }
   DRDIFF_HOST_DEVICE static constexpr int max_(int a, int b) noexcept { return a > b ? a : b; }
 
@@ -457,6 +369,191 @@ struct pattern {
     return b;
   }
 };
+
+/// The pass view of attn::pattern: the kind of one pass (no pointer: kernels keep it in registers),
+/// and what the pass lets a backend assume.
+struct pattern::pass_ref {
+  pass_kind kind;
+  int comp;  ///< the dilation component of a dilated pass
+
+  DRDIFF_HOST_DEVICE constexpr pass_traits traits(pattern const& pt) const noexcept {
+    pass_traits t;
+    switch (kind) {
+      case pass_kind::dense_rows: t.dense = true; break;
+      case pass_kind::global_rows: t.key_split = true; break;
+      case pass_kind::window_band:  // a tile of consecutive rows sees keys [r0 − w, r1 − 1 + w]
+        t.one_run = true;
+        t.band_lo = 0;
+        t.band_hi = pt.window;
+        break;
+      case pass_kind::dilated:  // the first component owns its phase's keys at w < |i − j| ≤ span
+        if (comp == 0) {
+          t.band_lo = pt.window + 1;
+          t.band_hi = pt.dil[0].span;
+        }
+        break;
+      case pass_kind::global_keys: t.key_tail = true; break;
+    }
+    return t;
+  }
+  /// Global rows have keys only in the global-row pass.
+  DRDIFF_HOST_DEVICE constexpr bool live_row(pattern const& pt, int i) const noexcept {
+    return kind == pass_kind::global_rows || !pt.is_global(i);
+  }
+  DRDIFF_HOST_DEVICE constexpr bool owns_key(pattern const& pt, int i, int j) const noexcept {
+    return pt.owns_segment_key(kind, comp, i, j);
+  }
+  /// The global-key pass, which rides as the tail of the last other ordinary pass.
+  DRDIFF_HOST_DEVICE constexpr pass_ref tail() const noexcept { return {pass_kind::global_keys, comp}; }
+};
+
+DRDIFF_HOST_DEVICE constexpr pattern::pass_ref pattern::pass_view(int p) const noexcept {
+  int c = 0;
+  pass_kind const k = kind(p, &c);
+  return {k, c};
+}
+
+/// The segment path of a pattern: the pattern walked in query tiles of `tile` rows, a choice of the
+/// backend (pattern::tiles(rows); 64 unless a backend asks for another). Passes, ownership and the
+/// capabilities are the pattern's; this adds the query tiles, the key segments of each tile and the
+/// row form of owns() that the CPU kernel uses.
+struct tiled_pattern : pattern {
+  int tile = 64;  ///< query rows per tile
+
+  /// Query tiles per dilation phase for component c (every phase gets the same count; short phases
+  /// end with empty tiles).
+  DRDIFF_HOST_DEVICE constexpr int phase_tiles(int c) const noexcept {
+    int const rows = n - first_plain_row();
+    int const per_phase = (rows + dil[c].rate - 1) / dil[c].rate;  // rows of phase 0, the longest
+    return (per_phase + tile - 1) / tile;
+  }
+  DRDIFF_HOST_DEVICE constexpr int num_q_tiles(int p) const noexcept {
+    int c = 0;
+    switch (kind(p, &c)) {
+      case pass_kind::dense_rows: return (n + tile - 1) / tile;
+      case pass_kind::global_rows: return (num_global + tile - 1) / tile;
+      case pass_kind::dilated: return dil[c].rate * phase_tiles(c);
+      default: return (n - first_plain_row() + tile - 1) / tile;
+    }
+  }
+  /// Query rows of tile t of pass p (possibly empty).
+  DRDIFF_HOST_DEVICE constexpr index_range q_tile(int p, int t) const noexcept {
+    int c = 0;
+    switch (kind(p, &c)) {
+      case pass_kind::dense_rows: return contiguous(t * tile, min_(n, t * tile + tile));
+      case pass_kind::global_rows: return global_keys().sub(t * tile, min_(tile, num_global - t * tile));
+      case pass_kind::dilated: {
+        int const rate = dil[c].rate, per = phase_tiles(c);
+        if (per == 0) return index_range{};
+        int const phase = t / per, chunk = t % per;
+        int const r0 = first_plain_row() + phase;  // first row of this phase
+        int const rows = r0 < n ? (n - r0 + rate - 1) / rate : 0;
+        int const a0 = chunk * tile;
+        return index_range{r0 + rate * a0, rate, min_(tile, rows - a0), nullptr};
+      }
+      default: {
+        int const r0 = first_plain_row() + t * tile;
+        return contiguous(r0, min_(n, r0 + tile));
+      }
+    }
+  }
+  /// Calls `f(index_range keys, bool exact)` for the key segments of tile t of pass p, in increasing
+  /// key order, disjoint. `exact` means every pair (row of the tile, key of the segment) is owned by
+  /// the pass; otherwise the backend evaluates `owns(p, i, j)` per element. Keys are in [0, n).
+  DRDIFF_EXEC_CHECK_DISABLE
+  template <class F>
+  DRDIFF_HOST_DEVICE constexpr void for_each_segment(int p, int t, F&& f) const {
+    index_range const rows = q_tile(p, t);
+    if (rows.empty()) return;
+    int c = 0;
+    switch (kind(p, &c)) {
+      case pass_kind::dense_rows:
+      case pass_kind::global_rows: f(contiguous(0, n), true); return;
+      case pass_kind::window_band: {
+        bool const clean = !any_global_row(rows);
+        ring(0, 1, rows.start, rows.start + rows.count, 0, window, n, clean, f);
+        return;
+      }
+      case pass_kind::dilated: {
+        int const rate = dil[c].rate;
+        int const phase = rows.start % rate;
+        int const a0 = rows.start / rate;  // rows in phase coordinates: a0 .. a0 + count − 1
+        int const lo = window >= 0 ? window / rate + 1 : 0;
+        int const hi = dil[c].span / rate;
+        if (lo > hi) return;
+        int const keys = (n - phase + rate - 1) / rate;  // phase-p keys in [0, n)
+        bool const clean = c == 0 && !any_global_row(rows);
+        ring(phase, rate, a0, a0 + rows.count, lo, hi, keys, clean, f);
+        return;
+      }
+      default: global_key_segment(rows, f); return;
+    }
+  }
+  /// Row form of `owns` (optional member of the segment interface, used by the CPU kernel):
+  /// keep[x] = owns(p, i, keys[x]) for x < keys.count, written as 1/0. Window and dilated passes
+  /// write the owned keys of the row as one or two runs (then clear what earlier dilations own)
+  /// instead of testing each key; the global-key pass tests each key without the global lookups.
+  template <class T>
+  DRDIFF_HOST_DEVICE constexpr void row_mask(int p, int i, index_range keys, T* keep) const {
+    int c = 0;
+    pass_kind const k = kind(p, &c);
+    if (k == pass_kind::global_keys) {
+      bool const row_global = is_global(i);
+      for (int x = 0; x < keys.count; ++x) {
+        int const j = keys[x];
+        keep[x] = !row_global && !in_window(i, j) && !in_any_dilation(i, j) ? T(1) : T(0);
+      }
+      return;
+    }
+    bool const runs = !keys.list && (k == pass_kind::window_band ||
+                                     (k == pass_kind::dilated && keys.stride % dil[c].rate == 0 &&
+                                      (keys.start - i) % dil[c].rate == 0));
+    if (!runs) {
+      for (int x = 0; x < keys.count; ++x) keep[x] = owns(p, i, keys[x]) ? T(1) : T(0);
+      return;
+    }
+    for (int x = 0; x < keys.count; ++x) keep[x] = T(0);
+    if (is_global(i)) return;
+    // Keys j = start + stride·x; owned when lo ≤ |i − j| ≤ hi (window: lo = 0; dilated: past the
+    // window, and the segment lies in i's phase so every key is a multiple of the rate away).
+    int const lo = k == pass_kind::window_band ? 0 : (window >= 0 ? window + 1 : 0);
+    int const hi = k == pass_kind::window_band ? window : dil[c].span;
+    // Calls g(x) for the keys x with j0 ≤ keys[x] ≤ j1.
+    auto each = [&](long long j0, long long j1, auto&& g) {
+      long long const st = keys.stride;
+      long long const x0 = j0 <= keys.start ? 0 : (j0 - keys.start + st - 1) / st;
+      long long x1 = j1 < keys.start ? -1 : (j1 - keys.start) / st;
+      if (x1 >= keys.count) x1 = keys.count - 1;
+      for (long long x = x0; x <= x1; ++x) g(static_cast<int>(x));
+    };
+    auto set = [&](int x) { keep[x] = T(1); };
+    long long const ii = i;
+    if (lo == 0) {
+      each(ii - hi, ii + hi, set);
+    } else {
+      each(ii - hi, ii - lo, set);
+      each(ii + lo, ii + hi, set);
+    }
+    for (int e = 0; k == pass_kind::dilated && e < c; ++e)  // pairs an earlier dilation owns
+      each(ii - dil[e].span, ii + dil[e].span, [&](int x) {
+        if (in_dilation(e, i, keys[x])) keep[x] = T(0);
+      });
+  }
+
+  DRDIFF_HOST_DEVICE friend constexpr bool operator==(tiled_pattern const& a, tiled_pattern const& b) noexcept {
+    return static_cast<pattern const&>(a) == static_cast<pattern const&>(b) && a.tile == b.tile;
+  }
+  DRDIFF_HOST_DEVICE friend constexpr bool operator!=(tiled_pattern const& a, tiled_pattern const& b) noexcept {
+    return !(a == b);
+  }
+};
+
+DRDIFF_HOST_DEVICE constexpr tiled_pattern pattern::tiles(int rows) const noexcept {
+  tiled_pattern t{};
+  static_cast<pattern&>(t) = *this;
+  t.tile = rows;
+  return t;
+}
 
 }  // namespace attn
 DRDIFF_NAMESPACE_END

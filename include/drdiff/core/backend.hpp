@@ -6,7 +6,8 @@
 
 #include <type_traits>
 
-struct CUstream_st;  // what cudaStream_t points to
+struct CUstream_st;    // what cudaStream_t points to
+struct cublasContext;  // what cublasHandle_t points to
 
 DRDIFF_NAMESPACE_BEGIN
 
@@ -28,12 +29,16 @@ struct context<cpu> {
   int num_threads = 0;
 };
 
-/// CUDA context: the stream to launch on and the device it belongs to (-1 = current device).
+/// CUDA context: the stream to launch on, the device it belongs to (-1 = current device), and the
+/// caller's cuBLAS handle for the calls that run GEMMs (the MoE, the anchor projectors and rounding;
+/// its stream is set to `stream` by each call). A call that needs the handle refuses a null one; one
+/// handle per thread (cuBLAS handles are not shared between concurrent calls).
 template <>
 struct context<cuda> {
   using backend_type = cuda;
   CUstream_st* stream = nullptr;
   int device = -1;
+  cublasContext* cublas = nullptr;
 };
 
 DRDIFF_NAMESPACE_END

@@ -22,33 +22,34 @@
 #include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
-namespace anchor {
-
 namespace detail {
 template <class T>
-using row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using anchor_row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <class T>
-void check_real(char const* who) {
+void anchor_check_real(char const* who) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "drdiff::anchor (cpu): element types are float or double");
   (void)who;
 }
-inline void check_distinct(void const* x, void const* out, char const* who) {
+inline void anchor_check_distinct(void const* x, void const* out, char const* who) {
   DRDIFF_CHECK(x != nullptr, who, ": x is a null pointer");
   DRDIFF_CHECK(out != nullptr, who, ": out is a null pointer");
   DRDIFF_CHECK(x != out, who, ": out must not be x (this projector does not work in place)");
 }
 /// Token rows per work item of the rounding GEMM, and vocabulary columns per score block.
-inline constexpr int round_rows = 64;
-inline constexpr int round_cols = 2048;
+inline constexpr int anchor_round_rows = 64;
+inline constexpr int anchor_round_cols = 2048;
 }  // namespace detail
+
+namespace anchor {
+
 
 // ---- soft absorbing state ------------------------------------------------------------------------
 
 /// x_t from x_0 for every sequence of the batch (see anchor/absorbing.hpp). x0 and xt may be equal.
 template <class T>
 void absorb(context<cpu> const& ctx, soft_absorbing const& s, absorb_args<T> const& a) {
-  detail::check_real<T>("absorb");
+  drdiff::detail::anchor_check_real<T>("absorb");
   a.validate(s);
   auto const noise = detail::absorb_noise(s, a.stream);
   std::int64_t const tokens = a.shape.tokens();
@@ -77,7 +78,8 @@ void absorb(context<cpu> const& ctx, soft_absorbing const& s, absorb_args<T> con
 template <class T>
 std::size_t workspace_bytes(context<cpu> const& ctx, nearest_embedding<T> const& p, token_shape const&) {
   std::size_t const threads = std::size_t(drdiff::detail::resolve_threads(ctx.num_threads));
-  return sizeof(T) * (std::size_t(p.vocab) + threads * detail::round_rows * detail::round_cols);
+  return sizeof(T) *
+         (std::size_t(p.vocab) + threads * drdiff::detail::anchor_round_rows * drdiff::detail::anchor_round_cols);
 }
 template <class P>
 std::size_t workspace_bytes(context<cpu> const&, P const&, token_shape const&) {
@@ -89,7 +91,7 @@ std::size_t workspace_bytes(context<cpu> const&, P const&, token_shape const&) {
 template <class T>
 void round_to_nearest(context<cpu> const& ctx, nearest_embedding<T> const& p, token_shape const& shape, T const* x,
                       int* ids, T* maybe_out = nullptr, void* workspace = nullptr, std::size_t bytes = 0) {
-  detail::check_real<T>("round_to_nearest");
+  drdiff::detail::anchor_check_real<T>("round_to_nearest");
   p.validate(shape);
   DRDIFF_CHECK(x != nullptr, "round_to_nearest: x is a null pointer");
   DRDIFF_CHECK(ids != nullptr, "round_to_nearest: ids is a null pointer");
@@ -107,7 +109,7 @@ void round_to_nearest(context<cpu> const& ctx, nearest_embedding<T> const& p, to
   int const threads = drdiff::detail::resolve_threads(ctx.num_threads);
   T* const bias = static_cast<T*>(workspace);  // −½‖E_v‖² (l2) or 0 (dot)
   T* const scores = bias + V;
-  Eigen::Map<detail::row_matrix<T> const> E(p.table, V, d);
+  Eigen::Map<drdiff::detail::anchor_row_matrix<T> const> E(p.table, V, d);
   if (p.score == metric::l2) {
     drdiff::detail::parallel_for(threads, (V + 4095) / 4096, [&](std::int64_t c, int) {
       for (int v = int(c) * 4096; v < std::min<int>(V, int(c + 1) * 4096); ++v) bias[v] = T(-0.5) * E.row(v).squaredNorm();
@@ -116,23 +118,24 @@ void round_to_nearest(context<cpu> const& ctx, nearest_embedding<T> const& p, to
     std::fill(bias, bias + V, T(0));
   }
   std::int64_t const tokens = shape.tokens();
-  std::int64_t const chunks = (tokens + detail::round_rows - 1) / detail::round_rows;
+  std::int64_t const chunks = (tokens + drdiff::detail::anchor_round_rows - 1) / drdiff::detail::anchor_round_rows;
   drdiff::detail::parallel_for(threads, chunks, [&](std::int64_t c, int worker) {
-    std::int64_t const t0 = c * detail::round_rows;
-    int const rows = int(std::min<std::int64_t>(detail::round_rows, tokens - t0));
-    Eigen::Map<detail::row_matrix<T> const> X(x + t0 * d, rows, d);
-    Eigen::Map<detail::row_matrix<T>> S(scores + std::size_t(worker) * detail::round_rows * detail::round_cols, rows,
-                                        detail::round_cols);
-    T best[detail::round_rows];
-    int arg[detail::round_rows];
+    std::int64_t const t0 = c * drdiff::detail::anchor_round_rows;
+    int const rows = int(std::min<std::int64_t>(drdiff::detail::anchor_round_rows, tokens - t0));
+    Eigen::Map<drdiff::detail::anchor_row_matrix<T> const> X(x + t0 * d, rows, d);
+    Eigen::Map<drdiff::detail::anchor_row_matrix<T>> S(
+        scores + std::size_t(worker) * drdiff::detail::anchor_round_rows * drdiff::detail::anchor_round_cols, rows,
+        drdiff::detail::anchor_round_cols);
+    T best[drdiff::detail::anchor_round_rows];
+    int arg[drdiff::detail::anchor_round_rows];
     std::fill(best, best + rows, -std::numeric_limits<T>::infinity());
     std::fill(arg, arg + rows, 0);
-    for (int v0 = 0; v0 < V; v0 += detail::round_cols) {
-      int const cols = std::min(detail::round_cols, V - v0);
+    for (int v0 = 0; v0 < V; v0 += drdiff::detail::anchor_round_cols) {
+      int const cols = std::min(drdiff::detail::anchor_round_cols, V - v0);
       auto s = S.leftCols(cols);
       s.noalias() = X * E.middleRows(v0, cols).transpose();
       for (int r = 0; r < rows; ++r) {
-        T const* row = s.data() + std::size_t(r) * detail::round_cols;
+        T const* row = s.data() + std::size_t(r) * drdiff::detail::anchor_round_cols;
         for (int j = 0; j < cols; ++j) {
           T const v = row[j] + bias[v0 + j];
           if (v > best[r]) {  // strict: ties keep the smaller id
@@ -163,7 +166,7 @@ void project(context<cpu> const&, identity const& p, token_shape const& shape, T
 template <class T>
 void project(context<cpu> const& ctx, nearest_embedding<T> const& p, token_shape const& shape, T const* x, T* out,
              void* workspace = nullptr, std::size_t bytes = 0) {
-  detail::check_distinct(x, out, "nearest_embedding");
+  drdiff::detail::anchor_check_distinct(x, out, "nearest_embedding");
   std::vector<int> ids(std::size_t(shape.tokens()));
   round_to_nearest(ctx, p, shape, x, ids.data(), out, workspace, bytes);
 }
@@ -171,9 +174,9 @@ void project(context<cpu> const& ctx, nearest_embedding<T> const& p, token_shape
 template <class T>
 void project(context<cpu> const& ctx, segment_pool<T> const& p, token_shape const& shape, T const* x, T* out,
              void* = nullptr, std::size_t = 0) {
-  detail::check_real<T>("segment_pool");
+  drdiff::detail::anchor_check_real<T>("segment_pool");
   p.validate(shape);
-  detail::check_distinct(x, out, "segment_pool");
+  drdiff::detail::anchor_check_distinct(x, out, "segment_pool");
   int const d = shape.dim, per_seq = p.segments(shape.seq);
   using vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   drdiff::detail::parallel_for(drdiff::detail::resolve_threads(ctx.num_threads),
@@ -181,10 +184,10 @@ void project(context<cpu> const& ctx, segment_pool<T> const& p, token_shape cons
     int const b = int(item / per_seq), g = int(item % per_seq);
     int const i0 = g * p.length, i1 = std::min(shape.seq, i0 + p.length);
     std::size_t const base = (std::size_t(b) * shape.seq) * d;
-    Eigen::Map<detail::row_matrix<T> const> X(x + base + std::size_t(i0) * d, i1 - i0, d);
+    Eigen::Map<drdiff::detail::anchor_row_matrix<T> const> X(x + base + std::size_t(i0) * d, i1 - i0, d);
     vec mean = X.colwise().sum().transpose() / T(i1 - i0);
     if (p.rank > 0) {
-      Eigen::Map<detail::row_matrix<T> const> down(p.maybe_down, p.rank, d), up(p.maybe_up, d, p.rank);
+      Eigen::Map<drdiff::detail::anchor_row_matrix<T> const> down(p.maybe_down, p.rank, d), up(p.maybe_up, d, p.rank);
       vec const z = down * mean;
       mean = up * z;
     }
@@ -195,9 +198,9 @@ void project(context<cpu> const& ctx, segment_pool<T> const& p, token_shape cons
 template <class T>
 void project(context<cpu> const& ctx, linear<T> const& p, token_shape const& shape, T const* x, T* out, void* = nullptr,
              std::size_t = 0) {
-  detail::check_real<T>("linear");
+  drdiff::detail::anchor_check_real<T>("linear");
   p.validate(shape);
-  detail::check_distinct(x, out, "linear");
+  drdiff::detail::anchor_check_distinct(x, out, "linear");
   drdiff::detail::linear_rows(ctx, x, shape.tokens(), shape.dim, p.weight, shape.dim, p.maybe_bias, out, false);
 }
 
@@ -220,9 +223,11 @@ cpu_projector<P, T> bind(context<cpu> const& ctx, P const& p, token_shape const&
   return {ctx, p, shape, workspace, bytes};
 }
 
+}  // namespace anchor
+
 namespace detail {
 template <>
-struct blend_impl<cpu> {
+struct anchor_blend_impl<cpu> {
   template <class T>
   static void run(context<cpu> const& ctx, T* x0, T const* p, double gamma, std::size_t n) {
     std::int64_t const chunk = 1 << 16;
@@ -235,9 +240,9 @@ struct blend_impl<cpu> {
   }
 };
 template <>
-struct keep_impl<cpu> {
+struct anchor_keep_impl<cpu> {
   template <class T>
-  static void run(context<cpu> const&, T* x, T const* clean, unsigned char const* target, token_shape const& s) {
+  static void run(context<cpu> const&, T* x, T const* clean, unsigned char const* target, anchor::token_shape const& s) {
     std::int64_t const tokens = s.tokens();
     for (std::int64_t t = 0; t < tokens; ++t)
       if (target[t] == 0) std::copy(clean + t * s.dim, clean + (t + 1) * s.dim, x + t * s.dim);
@@ -245,5 +250,4 @@ struct keep_impl<cpu> {
 };
 }  // namespace detail
 
-}  // namespace anchor
 DRDIFF_NAMESPACE_END

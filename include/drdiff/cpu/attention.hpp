@@ -69,7 +69,7 @@ struct attention_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float> || std::
   template <class Policy>
   static int tile_rows_for() {
     using B = attn::bound_t<Policy>;
-    if constexpr (attn::detail::has_segments<B>::value) return tuning::tile_rows;
+    if constexpr (attn::has_segments_v<Policy>) return tuning::tile_rows;
     else return B::block_q;
   }
 
@@ -112,9 +112,8 @@ struct attention_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float> || std::
     heads.reserve(a.heads);
     int max_passes = 0;
     for (int h = 0; h < a.heads; ++h) {
-      auto b = attn::bind(policy, a.seq, h);
-      if constexpr (std::is_same_v<decltype(b), attn::pattern>) b.tile = lay.tile;
-      heads.push_back(attn::segments_of(b, a.seq));
+      auto const b = attn::bind(policy, a.seq, h);
+      heads.push_back(attn::segments_of(b, a.seq, lay.tile));
       max_passes = std::max(max_passes, heads.back().num_passes());
     }
 

@@ -79,9 +79,8 @@ struct attention_backward_impl<cpu, T, std::enable_if_t<std::is_same_v<T, float>
     std::vector<decltype(attn::segments_of(std::declval<bound const&>(), 0))> heads;
     heads.reserve(f.heads);
     for (int h = 0; h < f.heads; ++h) {
-      auto b = attn::bind(policy, f.seq, h);
-      if constexpr (std::is_same_v<decltype(b), attn::pattern>) b.tile = lay.tile;
-      heads.push_back(attn::segments_of(b, f.seq));
+      auto const b = attn::bind(policy, f.seq, h);
+      heads.push_back(attn::segments_of(b, f.seq, lay.tile));
     }
 
     int const N = f.seq, H = f.heads, D = f.head_dim;

@@ -195,7 +195,7 @@ class model_layers<cpu> {
   /// h += MoE(ln) with the experts of block `pre`.
   template <class Router>
   void ffn(context<cpu> const& ctx, Router const& router, std::string const& pre, double t) {
-    router::moe_args m;
+    router::moe_args<float> m;
     auto const tensor = [&](std::string const& n) { return weight(n); };
     bind_moe_weights(m, pre, spec_.sizes, spec_.activation, tensor, tensor);
     m.tokens = int(tokens_);

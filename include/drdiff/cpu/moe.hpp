@@ -1,7 +1,8 @@
 #pragma once
 /// \file
-/// A routed mixture-of-experts FFN on the CPU: router GEMM → per-token router functor → dropless
-/// dispatch by counting sort → per-expert GEMMs (Eigen) on gathered rows → combine in a fixed order.
+/// The CPU backend of router::moe_forward (router/moe.hpp), a routed mixture-of-experts FFN: router
+/// GEMM → per-token router functor → dropless dispatch by counting sort → per-expert GEMMs (Eigen) on
+/// gathered rows → combine in a fixed order (into `out`, or added to the fp32 `residual`).
 /// A token's output is Σ_j w_j · FFN_{e_j}(x) summed in its selection order, so it does not depend on
 /// thread timing; rows of one expert are computed together, so other tokens of the batch only enter
 /// through GEMM blocking (agreement to rounding, see the tests).
@@ -9,6 +10,7 @@
 #include <drdiff/core/backend.hpp>
 #include <drdiff/core/error.hpp>
 #include <drdiff/cpu/detail/parallel.hpp>
+#include <drdiff/router/moe.hpp>
 #include <drdiff/router/routers.hpp>
 
 #include <Eigen/Core>
@@ -16,32 +18,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
 namespace router {
-
-enum class activation { gelu, swiglu };
-
-/// Shapes and tensors of one MoE call (row-major, fp32, host memory).
-struct moe_args {
-  int tokens = 0, d_model = 0, d_ff = 0, experts = 0;
-  float const* x = nullptr;         ///< [tokens × d_model]
-  float const* w_router = nullptr;  ///< [experts × d_model]: logits s(h) = W·h + b
-  float const* b_router = nullptr;  ///< [experts], optional
-  float const* w_up = nullptr;      ///< [experts × d_ff × d_model]
-  float const* w_gate = nullptr;    ///< [experts × d_ff × d_model], SwiGLU only: act = silu(gate) ⊙ up
-  float const* w_down = nullptr;    ///< [experts × d_model × d_ff]
-  float* out = nullptr;             ///< [tokens × d_model]
-  activation act = activation::gelu;
-  int shared_experts = 0;           ///< always-on experts added to every token with weight 1 (DeepSeekMoE)
-  float const* w_shared_up = nullptr;    ///< [shared × d_ff × d_model]
-  float const* w_shared_gate = nullptr;  ///< [shared × d_ff × d_model], SwiGLU only
-  float const* w_shared_down = nullptr;  ///< [shared × d_model × d_ff]
-  float capacity_factor = 0.f;  ///< 0: dropless; > 0: each expert keeps at most ⌈cf·T·k/E⌉ rows, in token order
-  float timestep = 0.f;                       ///< passed to the router (token_info::timestep)
-  float const* maybe_token_scores = nullptr;  ///< [tokens], passed as token_info::score
-};
 
 /// The routing decision of a batch: up to `width` (expert, weight) pairs per token.
 struct routing {
@@ -51,32 +32,18 @@ struct routing {
   std::vector<int> offsets;  ///< [experts + 1]: rows of expert e are slots offsets[e] .. offsets[e+1]
   std::vector<int> slot_entry;  ///< slot → token·width + j (grouped by expert, tokens in order)
   std::vector<int> entry_slot;  ///< token·width + j → slot
+  int dropped = 0;              ///< selections the capacity limit dropped
 };
 
-namespace detail {
-inline void check_moe(moe_args const& a) {
-  DRDIFF_CHECK(a.experts > 0 && a.experts <= max_experts, "moe: experts E = ", a.experts, " must be in 1..",
-               max_experts);
-  DRDIFF_CHECK(a.tokens >= 0, "moe: tokens = ", a.tokens, " must be >= 0");
-  DRDIFF_CHECK(a.d_model > 0, "moe: d_model = ", a.d_model, " must be > 0");
-  DRDIFF_CHECK(a.d_ff > 0, "moe: d_ff = ", a.d_ff, " must be > 0");
-  DRDIFF_CHECK(a.x && a.w_router && a.w_up && a.w_down && a.out, "moe: x, w_router, w_up, w_down and out must be set");
-  DRDIFF_CHECK(a.act != activation::swiglu || a.w_gate, "moe: SwiGLU needs w_gate");
-  DRDIFF_CHECK(a.shared_experts >= 0, "moe: shared_experts = ", a.shared_experts, " must be >= 0");
-  DRDIFF_CHECK(a.shared_experts == 0 || (a.w_shared_up && a.w_shared_down &&
-                                         (a.act != activation::swiglu || a.w_shared_gate)),
-               "moe: shared_experts = ", a.shared_experts, " but the shared expert weights are not set");
-  DRDIFF_CHECK(std::isfinite(a.capacity_factor) && a.capacity_factor >= 0.f, "moe: capacity_factor = ",
-               a.capacity_factor, " must be >= 0 (0 = dropless)");
-}
-inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
-}  // namespace detail
+}  // namespace router
 
 namespace detail {
+inline float moe_gelu(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
+inline float moe_silu(float v) { return v / (1.f + std::exp(-v)); }
+
 /// Fills rt.slot_entry / rt.entry_slot from rt.offsets: each expert's selections in token order
 /// (the stable scatter of the counting sort). Entries with expert −1 (dropped) get no slot.
-inline void scatter_slots(routing& rt, int tokens, int experts) {
+inline void moe_scatter_slots(router::routing& rt, int tokens, int experts) {
   std::vector<int> next(rt.offsets.begin(), rt.offsets.begin() + experts);
   rt.slot_entry.assign(rt.offsets[experts], 0);
   rt.entry_slot.assign(std::size_t(tokens) * rt.width, -1);
@@ -91,11 +58,13 @@ inline void scatter_slots(routing& rt, int tokens, int experts) {
 }
 }  // namespace detail
 
+namespace router {
+
 /// Routes every token (logits from the router GEMM) and groups the selections by expert (counting
 /// sort: histogram, exclusive scan, stable scatter). Non-finite logits are an error.
 template <class Router>
-routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_stats* stats = nullptr) {
-  detail::check_moe(a);
+routing route(context<cpu> const& ctx, Router const& r, moe_args<float> const& a, moe_stats* stats = nullptr) {
+  drdiff::detail::check_moe_args(a);
   r.validate(a.experts);
   int const T = a.tokens, E = a.experts, d = a.d_model;
   using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -149,7 +118,7 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
       }
     for (int e = 0; e < E; ++e) rt.offsets[e + 1] = rt.offsets[e] + kept[e];
   }
-  detail::scatter_slots(rt, T, E);
+  drdiff::detail::moe_scatter_slots(rt, T, E);
   if (stats) {
     stats->tokens_per_expert.assign(E, 0);
     for (int e = 0; e < E; ++e) stats->tokens_per_expert[e] = rt.offsets[e + 1] - rt.offsets[e];
@@ -168,12 +137,13 @@ routing route(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_s
     stats->balance_loss = E * loss;
     stats->dropped = dropped;
   }
+  rt.dropped = dropped;
   return rt;
 }
 
 /// Runs the experts of a routing decision and combines: out[t] = Σ_j w_{t,j} · FFN_{e_{t,j}}(x[t]) +
 /// Σ_s FFN_shared_s(x[t]), each token's terms summed in its selection order.
-inline void moe_apply(context<cpu> const& ctx, routing const& rt, moe_args const& a) {
+inline void moe_apply(context<cpu> const& ctx, routing const& rt, moe_args<float> const& a) {
   int const E = a.experts, d = a.d_model, f = a.d_ff;
   using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   // y = act(x·upᵀ [, x·gateᵀ])·downᵀ for the rows of x.
@@ -182,9 +152,9 @@ inline void moe_apply(context<cpu> const& ctx, routing const& rt, moe_args const
     mat h = xe * up.transpose();  // (rows, d_ff)
     if (a.act == activation::swiglu) {
       mat const g = xe * Eigen::Map<mat const>(w_gate, f, d).transpose();
-      h = h.array() * g.unaryExpr([](float v) { return detail::silu(v); }).array();
+      h = h.array() * g.unaryExpr([](float v) { return drdiff::detail::moe_silu(v); }).array();
     } else {
-      h = h.unaryExpr([](float v) { return detail::gelu(v); });
+      h = h.unaryExpr([](float v) { return drdiff::detail::moe_gelu(v); });
     }
     return h * down.transpose();  // (rows, d_model)
   };
@@ -223,28 +193,32 @@ inline void moe_apply(context<cpu> const& ctx, routing const& rt, moe_args const
     });
   }
   // Combine: each token sums its experts in selection order (no cross-expert atomics).
-  drdiff::detail::parallel_for(threads, a.tokens, [&](std::int64_t t, int) {
-    Eigen::Map<Eigen::RowVectorXf> o(a.out + std::size_t(t) * d, d);
+  auto combine = [&](auto& o, std::int64_t t) {
     o.setZero();
     for (int j = 0; j < rt.count[t]; ++j) {
       std::size_t const entry = std::size_t(t) * rt.width + j;
       if (rt.entry_slot[entry] >= 0) o += rt.weight[entry] * y.row(rt.entry_slot[entry]);
     }
     if (a.shared_experts > 0) o += shared.row(t);
+  };
+  drdiff::detail::parallel_for(threads, a.tokens, [&](std::int64_t t, int) {
+    if (a.residual) {  // the sum first, then added to the residual stream
+      Eigen::RowVectorXf o(d);
+      combine(o, t);
+      Eigen::Map<Eigen::RowVectorXf>(a.residual + std::size_t(t) * d, d) += o;
+    } else {
+      Eigen::Map<Eigen::RowVectorXf> o(a.out + std::size_t(t) * d, d);
+      combine(o, t);
+    }
   });
 }
 
 
-/// The routed MoE FFN with a token-choice router: dropless unless capacity_factor > 0.
-template <class Router>
-void moe_forward(context<cpu> const& ctx, Router const& r, moe_args const& a, moe_stats* stats = nullptr) {
-  moe_apply(ctx, route(ctx, r, a, stats), a);
-}
-
 /// The routing decision of expert choice (router::expert_choice, routers.hpp), in the same form as
 /// route()'s.
-inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args const& a, moe_stats* stats = nullptr) {
-  detail::check_moe(a);
+inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args<float> const& a,
+                     moe_stats* stats = nullptr) {
+  drdiff::detail::check_moe_args(a);
   r.validate(a.experts);
   int const T = a.tokens, E = a.experts, d = a.d_model;
   using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -284,7 +258,7 @@ inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args c
       }
   rt.offsets.assign(E + 1, 0);
   for (int e = 0; e < E; ++e) rt.offsets[e + 1] = rt.offsets[e] + c;
-  detail::scatter_slots(rt, T, E);
+  drdiff::detail::moe_scatter_slots(rt, T, E);
   if (stats) {
     stats->tokens_per_expert.assign(E, c);
     double active = 0;
@@ -297,10 +271,27 @@ inline routing route(context<cpu> const& ctx, expert_choice const& r, moe_args c
   return rt;
 }
 
-/// The MoE FFN with expert-choice routing.
-inline void moe_forward(context<cpu> const& ctx, expert_choice const& r, moe_args const& a, moe_stats* stats = nullptr) {
-  moe_apply(ctx, route(ctx, r, a, stats), a);
-}
-
 }  // namespace router
+
+namespace detail {
+
+/// router::moe_forward on the CPU: route (a token-choice functor, or expert choice), then the experts
+/// and the combine. Allocates its own scratch.
+template <>
+struct moe_impl<cpu> {
+  template <class Router, class T>
+  static std::size_t workspace_bytes(context<cpu> const&, Router const&, router::moe_args<T> const&) {
+    static_assert(std::is_same_v<T, float>, "drdiff::router::moe_forward (cpu): the element type is float.");
+    return 0;
+  }
+  template <class Router, class T>
+  static int forward(context<cpu> const& ctx, Router const& r, router::moe_args<T> const& a, void*, std::size_t) {
+    static_assert(std::is_same_v<T, float>, "drdiff::router::moe_forward (cpu): the element type is float.");
+    router::routing const rt = router::route(ctx, r, a, a.maybe_stats);
+    router::moe_apply(ctx, rt, a);
+    return rt.dropped;
+  }
+};
+
+}  // namespace detail
 DRDIFF_NAMESPACE_END

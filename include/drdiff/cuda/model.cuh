@@ -97,7 +97,8 @@ T const* raw(device_vector<T> const& v) { return thrust::raw_pointer_cast(v.data
 
 /// The GPU's layer operations for model<cuda, Config>: device copies of the weights (matrices in
 /// bf16; vectors, norms and the embedding table in fp32), the activation buffers, the workspaces of
-/// attention and the MoE, and a cuBLAS handle (set to the call's stream). Not copyable. Everything
+/// attention and the MoE, and a cuBLAS handle of its own (used when the call's context carries
+/// none; set to the call's stream). Not copyable. Everything
 /// lives on the device current at construction; the buffers are shared by the model's calls, so
 /// they run one at a time (on any stream, but not concurrently on two).
 template <>
@@ -138,7 +139,7 @@ class model_layers<cuda> {
   void prepare(context<cuda> const& ctx, Policy const& policy, Router const& router, int batch, int seq) {
     DRDIFF_CHECK(ctx.device < 0 || ctx.device == device_, "model (cuda): context<cuda>::device = ", ctx.device,
                  " but the model lives on device ", device_, " (the device current when it was built)");
-    cublas_check(cublasSetStream(blas_, stream(ctx)), "cublasSetStream");
+    cublas_check(cublasSetStream(blas(ctx), stream(ctx)), "cublasSetStream");
     std::int64_t const T = std::int64_t(batch) * seq;
     auto const& s = spec_.sizes;
     DRDIFF_CHECK(T * 3 * s.d_model < (std::int64_t(1) << 31) * 8, "model (cuda): ", T, " tokens are too many");
@@ -164,7 +165,7 @@ class model_layers<cuda> {
       batch_ = batch;
       try {  // the workspaces for this shape (a model type has one policy and one router)
         fresh(attn_ws_, attention_workspace_bytes(ctx, policy, attn_args()));
-        fresh(moe_ws_, router::moe_workspace_bytes(router, moe_args("blocks.0.", 0.0)));
+        fresh(moe_ws_, router::moe_workspace_bytes(with_blas(ctx), router, moe_args("blocks.0.", 0.0)));
       } catch (...) {  // not prepared: the next call tries again
         tokens_ = 0;
         seq_ = batch_ = 0;
@@ -238,17 +239,17 @@ class model_layers<cuda> {
                                                         dm, false, raw(temb_));
     DRDIFF_CUDA_CHECK(cudaGetLastError());
   }
-  /// h = bf16(x_t)·Wᵀ + b + temb (fp32).
+  /// h = bf16(x_t)·Wᵀ + b + temb (fp32); self-conditioned: + bf16(x̂0_prev)·W_scᵀ.
   void input(context<cuda> const& ctx, float const* xt, std::string const& up, float const* maybe_prev,
              std::string const& up_sc) {
     auto const& s = spec_.sizes;
     std::size_t const n = std::size_t(tokens_) * s.embed_dim;
     auto const on = thrust::cuda::par_nosync.on(stream(ctx));
     thrust::transform(on, xt, xt + n, raw(xb_), model_to_bf16_op{});
-    gemm_bf16(blas_, int(tokens_), s.d_model, s.embed_dim, raw(xb_), mat(up + ".weight"), raw(h_), 0.f);
+    gemm_bf16(blas(ctx), int(tokens_), s.d_model, s.embed_dim, raw(xb_), mat(up + ".weight"), raw(h_), 0.f);
     if (maybe_prev) {  // self-conditioning: h += bf16(x̂0_prev)·W_scᵀ (xb_ is free again in stream order)
       thrust::transform(on, maybe_prev, maybe_prev + n, raw(xb_), model_to_bf16_op{});
-      gemm_bf16(blas_, int(tokens_), s.d_model, s.embed_dim, raw(xb_), mat(up_sc + ".weight"), raw(h_), 1.f);
+      gemm_bf16(blas(ctx), int(tokens_), s.d_model, s.embed_dim, raw(xb_), mat(up_sc + ".weight"), raw(h_), 1.f);
     }
     add_rows(ctx, raw(h_), weight(up + ".bias"), raw(temb_), s.d_model);
   }
@@ -260,7 +261,7 @@ class model_layers<cuda> {
   void qkv(context<cuda> const& ctx, std::string const& w) {
     auto const& s = spec_.sizes;
     int const dm = s.d_model;
-    gemm_bf16(blas_, int(tokens_), 3 * dm, dm, raw(ln_), mat(w), raw(qkv_), 0.f);
+    gemm_bf16(blas(ctx), int(tokens_), 3 * dm, dm, raw(ln_), mat(w), raw(qkv_), 0.f);
     model_rope<<<model_grid(std::size_t(tokens_) * dm / 4), 256, 0, stream(ctx)>>>(raw(qkv_), raw(rope_cos_),
                                                                                  raw(rope_sin_), tokens_, seq_, dm,
                                                                                  s.head_dim());
@@ -271,9 +272,9 @@ class model_layers<cuda> {
     drdiff::attention(ctx, policy, attn_args(), raw(attn_ws_), attn_ws_.size());
   }
   /// h += att·Wᵀ (into the fp32 residual stream).
-  void project_add(context<cuda> const& /*ctx*/, std::string const& w) {
+  void project_add(context<cuda> const& ctx, std::string const& w) {
     int const dm = spec_.sizes.d_model;
-    gemm_bf16(blas_, int(tokens_), dm, dm, raw(att_), mat(w), raw(h_), 1.f);
+    gemm_bf16(blas(ctx), int(tokens_), dm, dm, raw(att_), mat(w), raw(h_), 1.f);
   }
   /// h += MoE(ln): the routed MoE adds its output to h in its combine; one GELU expert and no shared
   /// one is a dense FFN of two GEMMs.
@@ -281,23 +282,22 @@ class model_layers<cuda> {
   void ffn(context<cuda> const& ctx, Router const& router, std::string const& pre, double t) {
     auto const& s = spec_.sizes;
     if (s.experts == 1 && s.shared_experts == 0 && spec_.activation == ffn_activation::gelu) {
-      gemm_bf16(blas_, int(tokens_), s.d_ff, s.d_model, raw(ln_), mat(pre + "moe.experts.up"), raw(ffh_), 0.f);
-      router::detail::moe_activate(raw(ffh_), static_cast<bf16 const*>(nullptr), std::size_t(tokens_) * s.d_ff, false,
-                                   stream(ctx));
-      gemm_bf16(blas_, int(tokens_), s.d_model, s.d_ff, raw(ffh_), mat(pre + "moe.experts.down"), raw(h_), 1.f);
+      gemm_bf16(blas(ctx), int(tokens_), s.d_ff, s.d_model, raw(ln_), mat(pre + "moe.experts.up"), raw(ffh_), 0.f);
+      moe_activate(raw(ffh_), static_cast<bf16 const*>(nullptr), std::size_t(tokens_) * s.d_ff, false, stream(ctx));
+      gemm_bf16(blas(ctx), int(tokens_), s.d_model, s.d_ff, raw(ffh_), mat(pre + "moe.experts.down"), raw(h_), 1.f);
     } else {
-      router::moe_forward(ctx, router, moe_args(pre, t), raw(moe_ws_), moe_ws_.size());
+      router::moe_forward(with_blas(ctx), router, moe_args(pre, t), raw(moe_ws_), moe_ws_.size());
     }
   }
   /// x0 = ln·Wᵀ + b (fp32); with the categorical prediction softmax(x0·Eᵀ)·E.
   void output(context<cuda> const& ctx, float* x0, std::string const& down, std::string const& table) {
     auto const& s = spec_.sizes;
-    gemm_bf16(blas_, int(tokens_), s.embed_dim, s.d_model, raw(ln_), mat(down + ".weight"), x0, 0.f);
+    gemm_bf16(blas(ctx), int(tokens_), s.embed_dim, s.d_model, raw(ln_), mat(down + ".weight"), x0, 0.f);
     add_rows(ctx, x0, weight(down + ".bias"), nullptr, s.embed_dim);
     if (spec_.output == prediction::categorical) {
       std::int64_t const chunk = std::min<std::int64_t>(tokens_, 4096);
       auto* L = static_cast<float*>(scratch("categorical", std::size_t(chunk) * s.vocab * sizeof(float)));
-      model_categorical(blas_, x0, tokens_, s.embed_dim, weight(table), s.vocab, L, chunk, stream(ctx));
+      model_categorical(blas(ctx), x0, tokens_, s.embed_dim, weight(table), s.vocab, L, chunk, stream(ctx));
     }
   }
 
@@ -335,7 +335,7 @@ class model_layers<cuda> {
   auto projector(context<cuda> const& ctx, anchor::nearest_embedding<float> const& table,
                  anchor::token_shape const& shape) {
     std::size_t const bytes = anchor::projector_workspace_bytes(ctx, table, shape);
-    return anchor::bind<float>(ctx, blas_, table, shape, scratch("gen.proj", bytes), bytes);
+    return anchor::bind<float>(with_blas(ctx), table, shape, scratch("gen.proj", bytes), bytes);
   }
   template <class Ops, class Grid, class Den, class H0, class Ht>
   void sample(context<cuda> const& ctx, Ops const& ops, solver::dpmpp_config const& cfg, Grid const& grid, Den&& den,
@@ -348,8 +348,8 @@ class model_layers<cuda> {
     std::size_t const count = std::size_t(shape.batch) * shape.seq;
     auto* ids = static_cast<int*>(scratch("gen.ids", count * sizeof(int)));
     std::size_t const bytes = anchor::workspace_bytes(ctx, table, shape);
-    anchor::round_to_nearest(ctx, blas_, table, shape, x, ids, static_cast<float*>(nullptr), scratch("gen.round", bytes),
-                             bytes);  // synchronises
+    anchor::round_to_nearest(with_blas(ctx), table, shape, x, ids, static_cast<float*>(nullptr),
+                             scratch("gen.round", bytes), bytes);  // synchronises
     std::vector<int> out(count);
     DRDIFF_CUDA_CHECK(cudaMemcpy(out.data(), ids, count * sizeof(int), cudaMemcpyDeviceToHost));
     return out;
@@ -369,7 +369,15 @@ class model_layers<cuda> {
   device_vector<bf16> xb_, ln_, qkv_, att_, ffh_;
   device_vector<unsigned char> attn_ws_, moe_ws_;
 
-  static cudaStream_t stream(context<cuda> const& ctx) { return reinterpret_cast<cudaStream_t>(ctx.stream); }
+  static cudaStream_t stream(context<cuda> const& ctx) { return cuda_stream(ctx); }
+  /// The cuBLAS handle of a call: the context's when it carries one, else the model's own.
+  cublasHandle_t blas(context<cuda> const& ctx) const { return ctx.cublas ? ctx.cublas : blas_; }
+  /// The call's context with that handle, for the MoE and the anchor calls.
+  context<cuda> with_blas(context<cuda> const& ctx) const {
+    context<cuda> c = ctx;
+    c.cublas = blas(ctx);
+    return c;
+  }
   bf16 const* mat(std::string const& name) const { return raw(mats_.at(name)); }
   static void fresh_at_least(device_vector<unsigned char>& v, std::size_t bytes) {
     if (v.size() < std::max<std::size_t>(bytes, 1)) fresh(v, bytes);
@@ -400,17 +408,16 @@ class model_layers<cuda> {
     a.o_strides = packed_strides(seq_, s.heads, hd);
     return a;
   }
-  router::cuda_moe_args<bf16> moe_args(std::string const& pre, double t) {
+  router::moe_args<bf16> moe_args(std::string const& pre, double t) {
     auto const& s = spec_.sizes;
-    router::cuda_moe_args<bf16> a;
+    router::moe_args<bf16> a;
     bind_moe_weights(a, pre, s, spec_.activation, [&](std::string const& n) { return mat(n); },
                      [&](std::string const& n) { return weight(n); });
     a.tokens = int(tokens_);
     a.x = raw(ln_);
     a.residual = raw(h_);  // the combine adds the MoE output to the fp32 residual stream
-    a.act = spec_.activation == ffn_activation::swiglu ? router::cuda_activation::swiglu : router::cuda_activation::gelu;
+    a.act = spec_.activation == ffn_activation::swiglu ? router::activation::swiglu : router::activation::gelu;
     a.timestep = float(t);
-    a.cublas = blas_;
     return a;
   }
 };

@@ -6,6 +6,7 @@
 
 #include <drdiff/core/backend.hpp>
 #include <drdiff/cuda/error.cuh>
+#include <drdiff/cuda/kernels/solver.cuh>
 #include <drdiff/cuda/launch.cuh>
 #include <drdiff/solver/dpmpp.hpp>
 #include <drdiff/solver/model.hpp>
@@ -19,33 +20,6 @@
 #include <vector>
 
 DRDIFF_NAMESPACE_BEGIN
-namespace detail {
-
-template <class T, bool Use1, bool Use2, bool Noise>
-__global__ void solver_update_kernel(T* __restrict__ x, T const* __restrict__ m0, T const* __restrict__ m1,
-                                     T const* __restrict__ m2, std::size_t n, T a, T b0, T b1, T b2, T c,
-                                     solver::gaussian_noise noise, int step) {
-  std::size_t const stride = std::size_t(gridDim.x) * blockDim.x;
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
-    T v = a * x[i] + b0 * m0[i];
-    if constexpr (Use1) v += b1 * m1[i];
-    if constexpr (Use2) v += b2 * m2[i];
-    if constexpr (Noise) v += c * T(noise(step, i));
-    x[i] = v;
-  }
-}
-
-template <class T>
-__global__ void solver_finite_kernel(T const* __restrict__ v, std::size_t n, int step, int* __restrict__ first_bad) {
-  std::size_t const stride = std::size_t(gridDim.x) * blockDim.x;
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += stride)
-    if (!isfinite(v[i])) {
-      atomicMin(first_bad, step);
-      return;
-    }
-}
-
-}  // namespace detail
 
 namespace solver {
 
@@ -56,7 +30,7 @@ void update(context<cuda> const& ctx, step_coefficients const& k, T* x, T const*
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "drdiff::solver::update: the solver state is fp32 or fp64 (keep it fp32 when the model runs bf16).");
   if (n == 0) return;
-  auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
+  auto const stream = drdiff::detail::cuda_stream(ctx);
   int const threads = 256;
   unsigned const blocks = drdiff::detail::stride_grid(n, threads, 16);
   bool const u1 = k.b[1] != 0, u2 = k.b[2] != 0, z = k.c != 0;
@@ -100,7 +74,7 @@ void dpmpp_sample(context<cuda> const& ctx, schedule_ops<S> const& ops, dpmpp_co
   DRDIFF_CHECK(!cfg.singlestep, "dpmpp_sample (cuda): the singlestep (2S) loop runs on the CPU only; use multistep");
   auto const plan = dpmpp_plan(ops, cfg, grid);
   DRDIFF_CHECK(x != nullptr && workspace != nullptr, "dpmpp_sample: x or workspace is a null pointer");
-  auto const stream = reinterpret_cast<cudaStream_t>(ctx.stream);
+  auto const stream = drdiff::detail::cuda_stream(ctx);
   int* const flag = reinterpret_cast<int*>(workspace + 3 * n);
   int const none = 0x7fffffff;
   DRDIFF_CUDA_CHECK(cudaMemcpyAsync(flag, &none, sizeof(int), cudaMemcpyHostToDevice, stream));

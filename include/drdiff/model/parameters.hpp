@@ -70,8 +70,8 @@ inline std::vector<parameter_spec> parameter_specs(model_sizes const& s, ffn_act
 }
 
 namespace detail {
-/// Points a routed-FFN argument struct (router::moe_args on the CPU, router::cuda_moe_args on the
-/// GPU) at the expert tensors of block `pre` ("blocks.<b>.") and sets its sizes; `mat(name)` and
+/// Points a routed-FFN argument struct (router::moe_args<T>, either backend) at the expert tensors of
+/// block `pre` ("blocks.<b>.") and sets its sizes; `mat(name)` and
 /// `vec(name)` return the backend's pointer to a matrix or a vector. The tensor names are the ones
 /// parameter_specs lists above. The activation enum and the buffers stay with the caller.
 template <class Args, class Mat, class Vec>

@@ -24,8 +24,6 @@ using bf16 = __nv_bfloat16;
 
 /// Blocks of 256 threads for a grid-stride loop over n elements (32 per SM at most).
 inline unsigned model_grid(std::size_t n) { return stride_grid(n, 256, 32); }
-#define DRDIFF_GRID_STRIDE(i, n) \
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < (n); i += std::size_t(gridDim.x) * blockDim.x)
 
 // The elementwise steps (fp32 → bf16, the bias and time-embedding adds, the initial state) are
 // Thrust transforms over these functors (cuda/model.cuh); the kernels below are the ones that fuse
@@ -67,7 +65,7 @@ __device__ inline float model_block_sum(float v, float* red) {
 }
 
 /// LayerNorm of fp32 rows into bf16, one block of 128 threads per row (statistics in fp32, two passes).
-static __global__ void __launch_bounds__(128) model_layer_norm(float const* __restrict__ x, int d, float const* __restrict__ g,
+DRDIFF_KERNEL void __launch_bounds__(128) model_layer_norm(float const* __restrict__ x, int d, float const* __restrict__ g,
                                                        float const* __restrict__ b, float eps, bf16* __restrict__ y) {
   __shared__ float red[4];
   float const* xr = x + std::size_t(blockIdx.x) * d;
@@ -84,7 +82,7 @@ static __global__ void __launch_bounds__(128) model_layer_norm(float const* __re
 /// The same for d a multiple of 4 and at most 512·K: each thread keeps its K float4 pieces of the row
 /// in registers, so the row is read from memory once (the same two-pass statistics).
 template <int K>
-static __global__ void __launch_bounds__(128) model_layer_norm_vec(float const* __restrict__ x, int d,
+DRDIFF_KERNEL void __launch_bounds__(128) model_layer_norm_vec(float const* __restrict__ x, int d,
                                                            float const* __restrict__ g, float const* __restrict__ b,
                                                            float eps, bf16* __restrict__ y) {
   __shared__ float red[4];
@@ -126,7 +124,7 @@ static __global__ void __launch_bounds__(128) model_layer_norm_vec(float const* 
 
 /// The RoPE table: cos and sin of p·base^(−2i/hd) for every position p < seq and pair i < hd/2, computed
 /// in double as on the CPU (once per sequence length).
-static __global__ void model_rope_table(float* __restrict__ cs, float* __restrict__ sn, int seq, int half, double base) {
+DRDIFF_KERNEL void model_rope_table(float* __restrict__ cs, float* __restrict__ sn, int seq, int half, double base) {
   std::size_t const n = std::size_t(seq) * half;
   DRDIFF_GRID_STRIDE(i, n) {
     int const pair = int(i % half);
@@ -138,7 +136,7 @@ static __global__ void model_rope_table(float* __restrict__ cs, float* __restric
 
 /// RoPE on q and k of a [T, 3·d_model] bf16 buffer from the table: one thread per 16-byte piece (4
 /// pairs) of a token's q or k (head_dim a multiple of 8, so pieces never straddle heads).
-static __global__ void model_rope(bf16* __restrict__ qkv, float const* __restrict__ cs, float const* __restrict__ sn,
+DRDIFF_KERNEL void model_rope(bf16* __restrict__ qkv, float const* __restrict__ cs, float const* __restrict__ sn,
                            std::int64_t tokens, int seq, int dm, int hd) {
   int const pieces = dm / 8, half = hd / 2;  // pieces per part (q or k) of a token
   std::size_t const n = std::size_t(tokens) * 2 * pieces;
@@ -164,7 +162,7 @@ static __global__ void model_rope(bf16* __restrict__ qkv, float const* __restric
 }
 
 /// y[o] = act(Σ_i W[o, i]·x[i] + b[o]): one warp per output (the time MLP).
-static __global__ void model_matvec(bf16 const* __restrict__ w, float const* __restrict__ x, float const* __restrict__ b,
+DRDIFF_KERNEL void model_matvec(bf16 const* __restrict__ w, float const* __restrict__ x, float const* __restrict__ b,
                              int out, int in, bool silu, float* __restrict__ y) {
   int const o = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
   if (o >= out) return;
@@ -186,7 +184,7 @@ struct model_max_op {
 /// In place on each row of L [rows × vocab] (fp32): softmax. A NaN in a row makes the whole row
 /// NaN, so the categorical x̂0 of that token is NaN and the solver reports it (never a plausible row).
 template <int Threads>
-static __global__ void __launch_bounds__(Threads) model_softmax_rows(float* __restrict__ L, int vocab) {
+DRDIFF_KERNEL void __launch_bounds__(Threads) model_softmax_rows(float* __restrict__ L, int vocab) {
   using reduce = cub::BlockReduce<float, Threads>;
   __shared__ typename reduce::TempStorage tmp;
   __shared__ float bcast;
