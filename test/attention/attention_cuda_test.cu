@@ -188,6 +188,8 @@ TEMPLATE_TEST_CASE("a user's segment policy takes the paths its capabilities off
   attention_launch_info const plain = describe_attention(ctx, test::user_window_plain{16}, a);
   CHECK_FALSE(plain.band_kernel);     // the same window without capabilities: the general kernel
   CHECK_FALSE(plain.shared_pattern);  // no equality: one bound pattern per head
+  // Tiles taller than the band kernel's (128 rows against 64): the capability is there, the path not.
+  CHECK_FALSE(describe_attention(ctx, test::user_window_tall{16}, a).band_kernel);
   attention_launch_info const sinks = describe_attention(ctx, test::user_sink_window{16, 8}, a);
   CHECK(sinks.key_tail);  // the sink keys ride as the tail of the window's tiles
   CHECK(sinks.ordinary_passes == 1);
@@ -200,6 +202,7 @@ TEMPLATE_TEST_CASE("a user's segment policy takes the paths its capabilities off
 
   compare<TestType>(test::user_window{16}, 2, n, heads, dim, true);
   compare<TestType>(test::user_window_plain{16}, 2, n, heads, dim, true);
+  compare<TestType>(test::user_window_tall{16}, 2, n, heads, dim, true);
   compare<TestType>(test::user_window{200}, 1, 150, 1, 128);  // every key in reach
   compare<TestType>(test::user_sink_window{16, 8}, 2, n, heads, dim, true);
   compare<TestType>(test::user_sink_window{100, 70}, 1, 500, heads, 128);  // sinks inside the windows: masked tails

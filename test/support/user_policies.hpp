@@ -25,7 +25,7 @@ struct documents {
 /// (attention/capabilities.hpp): one run of keys per tile, owned by the distance band 0 ≤ |i − j| ≤ w,
 /// and equality for sharing one bound policy between heads. The CUDA backend then runs it on the band
 /// kernel; without, on the general kernel. Both compute the same.
-template <bool Capabilities>
+template <bool Capabilities, int Rows = 64>
 struct user_window_t {
   static constexpr int block_q = 64, block_k = 64;
   int w = 8;
@@ -40,11 +40,11 @@ struct user_window_t {
   DRDIFF_HOST_DEVICE bool full_block(int, int) const { return false; }
   DRDIFF_HOST_DEVICE user_window_t bind(int len, int) const { return {w, len}; }
 
-  // ---- the segment path: one pass, tiles of 64 rows, one run of keys per tile (masked)
+  // ---- the segment path: one pass, tiles of Rows rows, one run of keys per tile (masked)
   DRDIFF_HOST_DEVICE int num_passes() const { return 1; }
-  DRDIFF_HOST_DEVICE int num_q_tiles(int) const { return (n + 63) / 64; }
+  DRDIFF_HOST_DEVICE int num_q_tiles(int) const { return (n + Rows - 1) / Rows; }
   DRDIFF_HOST_DEVICE attn::index_range q_tile(int, int t) const {
-    return attn::contiguous(t * 64, t * 64 + 64 < n ? t * 64 + 64 : n);
+    return attn::contiguous(t * Rows, t * Rows + Rows < n ? t * Rows + Rows : n);
   }
   DRDIFF_HOST_DEVICE bool owns(int, int i, int j) const { return mask(i, j); }
   DRDIFF_EXEC_CHECK_DISABLE  // (the backend's visitor may be device-only)
@@ -73,6 +73,8 @@ struct user_window_t {
 };
 using user_window = user_window_t<true>;
 using user_window_plain = user_window_t<false>;
+/// The same window in 128-row tiles: taller than the band kernel's tile, so that kernel must not take it.
+using user_window_tall = user_window_t<true, 128>;
 
 /// Attention sinks and a sliding window (StreamingLLM's mask): row i attends |i − j| ≤ w and the
 /// first `sinks` keys. Two passes over the same 64-row tiles: the window (as user_window), then the

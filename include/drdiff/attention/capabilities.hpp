@@ -34,7 +34,10 @@
 DRDIFF_NAMESPACE_BEGIN
 namespace attn {
 
-/// What one pass of a bound segment policy lets a backend assume (all off: the general path).
+/// What one pass of a bound segment policy lets a backend assume (all off: the general path). The
+/// CUDA backend takes key_split and one_run only for passes whose tiles are at most its own tile
+/// height (segments_of(policy, n, rows) asks for it; a policy may choose taller tiles), and one_run
+/// only with band_lo = 0.
 struct pass_traits {
   /// Every row of the pass's tiles attends every key [0, n), in exact segments (a dense pattern): the
   /// backend may use taller query tiles.

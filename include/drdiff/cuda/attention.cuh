@@ -157,8 +157,16 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
         if (!flag(attn::traits_of(s, p))) return false;
       return true;
     };
+    // The kernels index a tile's rows by the backend's tile height: a pass whose tiles are taller (a
+    // user policy may choose its own tiles) takes neither the key split nor the band kernel.
+    auto tiles_fit = [&](int p) {
+      for (std::size_t h = 0; h < (pl.shared ? 1 : pl.heads.size()); ++h)
+        for (int t = 0, n = pl.heads[h].num_q_tiles(p); t < n; ++t)
+          if (pl.heads[h].q_tile(p, t).count > tile_rows) return false;
+      return true;
+    };
     for (int p = 0; p < passes; ++p) {
-      bool const is_split = every_head(p, [](attn::pass_traits const& t) { return t.key_split; });
+      bool const is_split = every_head(p, [](attn::pass_traits const& t) { return t.key_split; }) && tiles_fit(p);
       (is_split ? pl.split : pl.plain).push_back(p);
     }
     // The tensor-core kernel runs a key-tail pass inside the pass before it (its keys form a tail of
@@ -176,7 +184,9 @@ struct attention_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_v<T>>> {
     if constexpr (tensor_cores && attn::has_capabilities_v<Seg>) {
       pl.band_first = tune.band_kernel && pl.warps == 4 && !pl.plain.empty() &&
                       !(pl.tail_global && pl.plain.size() == 1) &&
-                      every_head(pl.plain.front(), [](attn::pass_traits const& t) { return t.one_run; });
+                      every_head(pl.plain.front(),
+                                 [](attn::pass_traits const& t) { return t.one_run && t.band_lo == 0; }) &&
+                      tiles_fit(pl.plain.front());
     }
     pl.rows = std::size_t(a.batch) * a.heads * a.seq;
     if (pl.plain.size() > 1) pl.state_rows = pl.rows;
