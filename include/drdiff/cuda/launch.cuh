@@ -41,14 +41,14 @@ template <cudaDeviceAttr Attr>
 int cached_device_attribute(int device) {
   if (device < 0) DRDIFF_CUDA_CHECK(cudaGetDevice(&device));
   constexpr int cached = 64;
-  static std::atomic<int> value[cached] = {};
+  static std::atomic<int> value[cached] = {};  // the attribute + 1 (0: not asked yet; attributes may be 0)
   if (device < cached) {
     int const c = value[device].load(std::memory_order_relaxed);
-    if (c > 0) return c;
+    if (c > 0) return c - 1;
   }
   int n = 0;
   DRDIFF_CUDA_CHECK(cudaDeviceGetAttribute(&n, Attr, device));
-  if (device < cached) value[device].store(n, std::memory_order_relaxed);
+  if (device < cached && n >= 0) value[device].store(n + 1, std::memory_order_relaxed);
   return n;
 }
 
