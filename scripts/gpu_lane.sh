@@ -26,7 +26,8 @@ nvidia-smi -q > "$out/nvidia-smi.txt" 2>&1 || true
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$out/gpu.txt"
 
 # The CUDA test programs and benchmarks (one list for the build, the prebuilt run and the benchmarks).
-tests=(attention.cuda attention.cuda.mma attention.policy.cuda solver.cuda router.cuda anchor.cuda model.cuda concurrency.cuda)
+tests=(attention.cuda attention.cuda.mma attention.policy.cuda attention.backward.cuda solver.cuda router.cuda anchor.cuda model.cuda
+       concurrency.cuda)
 benches=(attention solver moe round model)
 if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
@@ -49,6 +50,11 @@ else
   done
 fi
 fi
+if [ "$mode" != bench ] && python3 -c "import torch" 2>/dev/null; then
+  echo "== the PyTorch operator on CUDA tensors (python/tests/test_attention_op_cuda.py)"
+  (cd "$root/python" && python3 -m pytest -q tests/test_attention_op_cuda.py) > "$out/pytest_op_cuda.log" 2>&1 \
+    && tail -1 "$out/pytest_op_cuda.log" || { tail -30 "$out/pytest_op_cuda.log"; status=1; }
+fi
 if [ "$mode" = full ] || [ "$mode" = tests ]; then
   echo "== compute-sanitizer"
   for tool in memcheck racecheck; do
@@ -58,6 +64,9 @@ if [ "$mode" = full ] || [ "$mode" = tests ]; then
     compute-sanitizer --tool $tool --error-exitcode 9 "$build/test/drdiff.test.anchor.cuda" \
       > "$out/sanitizer_anchor_$tool.log" 2>&1 \
       && echo "$tool (anchor): clean" || { echo "$tool: FAILED (see $out/sanitizer_anchor_$tool.log)"; status=1; }
+    compute-sanitizer --tool $tool --error-exitcode 9 "$build/test/drdiff.test.attention.backward.cuda" \
+      "CUDA attention_backward matches the reference for every pattern*" > "$out/sanitizer_backward_$tool.log" 2>&1 \
+      && echo "$tool (backward): clean" || { echo "$tool: FAILED (see $out/sanitizer_backward_$tool.log)"; status=1; }
   done
 fi
 [ "$mode" = tests ] && exit $status

@@ -58,6 +58,7 @@ case "$mode" in
     if [ -n "${DRDIFF_GPU_BUILD:-}" ]; then  # meanwhile, the lane's CUDA tests (model.cuda is rerun by gpu_finish.sh)
       b=$DRDIFF_GPU_BUILD
       targets="drdiff.test.attention.cuda drdiff.test.attention.cuda.mma drdiff.test.attention.policy.cuda drdiff.test.solver.cuda"
+      targets="$targets drdiff.test.attention.backward.cuda"
       targets="$targets drdiff.test.router.cuda drdiff.test.anchor.cuda drdiff.test.model.cuda drdiff.test.concurrency.cuda"
       setsid bash -c "cmake -S '$root' -B '$b' -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH='$root/.deps' \
         -DDRDIFF_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DDRDIFF_BUILD_EXAMPLES=OFF -DDRDIFF_BUILD_BENCHMARKS=OFF \

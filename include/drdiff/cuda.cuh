@@ -25,6 +25,7 @@
 #include <drdiff/core/error.hpp>
 #include <drdiff/cuda/anchor.cuh>
 #include <drdiff/cuda/attention.cuh>
+#include <drdiff/cuda/attention_backward.cuh>
 #include <drdiff/cuda/config.cuh>
 #include <drdiff/cuda/device.cuh>
 #include <drdiff/cuda/error.cuh>

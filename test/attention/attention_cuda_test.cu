@@ -11,37 +11,16 @@
 #include <random>
 #include <vector>
 
-#include <thrust/copy.h>
-#include <thrust/device_vector.h>
-
+#include "../support/device_buffer.cuh"
 #include "../support/user_policies.hpp"
 
 using namespace drdiff;
 
 namespace {
 
-/// n elements of device memory, owned by Thrust (at least one, so ptr is never null).
-template <class T>
-struct dbuf {
-  thrust::device_vector<T> v;
-  T* ptr;
-  std::size_t n;
-  explicit dbuf(std::size_t count) : v(std::max<std::size_t>(1, count)), ptr(thrust::raw_pointer_cast(v.data())), n(count) {}
-  dbuf(dbuf const&) = delete;
-  void upload(std::vector<T> const& h) { thrust::copy(h.begin(), h.begin() + std::ptrdiff_t(n), v.begin()); }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    thrust::copy(v.begin(), v.begin() + std::ptrdiff_t(n), h.begin());
-    return h;
-  }
-};
-
-template <class T> T from_float(float x) { return T(x); }
-template <> __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
-template <> __half from_float(float x) { return __float2half(x); }
-template <class T> float to_float(T x) { return float(x); }
-template <> float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> float to_float(__half x) { return __half2float(x); }
+using test::dbuf;
+using test::from_float;
+using test::to_float;
 
 template <class T>
 constexpr double tolerance() { return std::is_same_v<T, float> ? 1e-5 : 1e-2; }

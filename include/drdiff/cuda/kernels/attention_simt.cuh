@@ -19,6 +19,46 @@ namespace detail {
 // ---------------------------------------------------------------------------------------------------
 // SIMT kernel (fp32, any supported head_dim): one thread per query row, keys staged 16 at a time.
 
+/// The SIMT kernels' walk over the keys of tile t of `pass`: its segments, clipped to [key_lo, key_hi)
+/// and collected by thread 0 in batches, have their keys staged 16 at a time as fp32 rows of K and V
+/// in shared memory (sk, sv: 16 × D each; key_idx: the keys); f(kc, exact) then runs in every thread
+/// on each staged group of kc keys, between two barriers.
+template <int BN, class T, class Seg, class F>
+__device__ __forceinline__ void cuda_simt_key_walk(Seg const& seg, int pass, int t, int key_lo, int key_hi, T const* kb,
+                                                   std::int64_t k_seq, T const* vb, std::int64_t v_seq, int D,
+                                                   float* sk, float* sv, int* key_idx, cuda_segment* segs,
+                                                   int* n_segs, int* seen, F&& f) {
+  int const tid = threadIdx.x;
+  for (int skip = 0;; skip += cuda_segment_batch) {
+    if (tid == 0) {
+      *n_segs = 0;
+      *seen = 0;
+      seg.for_each_segment(pass, t, cuda_segment_collector{segs, n_segs, seen, skip, key_lo, key_hi});
+    }
+    __syncthreads();
+    int const ns = *n_segs;
+    bool const more = *seen > skip + cuda_segment_batch;
+    for (int s = 0; s < ns; ++s) {
+      cuda_segment const sg = segs[s];
+      for (int off = 0; off < sg.keys.count; off += BN) {
+        int const kc = min(BN, sg.keys.count - off);
+        attn::index_range const kr = sg.keys.sub(off, kc);
+        for (int idx = tid; idx < BN * D; idx += blockDim.x) {
+          int const r = idx / D, d = idx % D;
+          std::int64_t const j = r < kc ? kr[r] : 0;
+          sk[idx] = r < kc ? float(kb[j * k_seq + d]) : 0.f;
+          sv[idx] = r < kc ? float(vb[j * v_seq + d]) : 0.f;
+          if (d == 0) key_idx[r] = int(j);
+        }
+        __syncthreads();
+        f(kc, sg.exact != 0);
+        __syncthreads();
+      }
+    }
+    if (!more) break;
+  }
+}
+
 template <class T, class Seg>
 DRDIFF_KERNEL void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
   constexpr int BM = 64, BN = 16, DMAX = 256;
@@ -60,46 +100,21 @@ DRDIFF_KERNEL void __launch_bounds__(64) attention_simt_kernel(__grid_constant__
       m = p.st_m[sr];
       l = p.st_l[sr];
     }
-    for (int skip = 0;; skip += cuda_segment_batch) {
-      if (tid == 0) {
-        n_segs = 0;
-        seen = 0;
-        seg.for_each_segment(pass, t, cuda_segment_collector{segs, &n_segs, &seen, skip, key_lo, key_hi});
+    cuda_simt_key_walk<BN>(seg, pass, t, key_lo, key_hi, kb, p.ks.seq, vb, p.vs.seq, D, sk, sv, key_idx, segs, &n_segs,
+                           &seen, [&](int kc, bool exact) {
+      if (!active) return;
+      for (int r = 0; r < kc; ++r) {
+        if (!exact && !seg.owns(pass, row, key_idx[r])) continue;
+        float dot = 0.f;
+        for (int d = 0; d < D; ++d) dot += q[d] * sk[r * D + d];
+        float const sc = dot * p.scale_log2;
+        float const m_new = fmaxf(m, sc);
+        float const alpha = exp2f(m - m_new), pr = exp2f(sc - m_new);
+        l = l * alpha + pr;
+        for (int d = 0; d < D; ++d) acc[d] = acc[d] * alpha + pr * sv[r * D + d];
+        m = m_new;
       }
-      __syncthreads();
-      int const ns = n_segs;
-      bool const more = seen > skip + cuda_segment_batch;
-      for (int s = 0; s < ns; ++s) {
-        cuda_segment const sg = segs[s];
-        for (int off = 0; off < sg.keys.count; off += BN) {
-          int const kc = min(BN, sg.keys.count - off);
-          attn::index_range const kr = sg.keys.sub(off, kc);
-          for (int idx = tid; idx < BN * D; idx += blockDim.x) {
-            int const r = idx / D, d = idx % D;
-            std::int64_t const j = r < kc ? kr[r] : 0;
-            sk[idx] = r < kc ? float(kb[j * p.ks.seq + d]) : 0.f;
-            sv[idx] = r < kc ? float(vb[j * p.vs.seq + d]) : 0.f;
-            if (d == 0) key_idx[r] = int(j);
-          }
-          __syncthreads();
-          if (active) {
-            for (int r = 0; r < kc; ++r) {
-              if (!sg.exact && !seg.owns(pass, row, key_idx[r])) continue;
-              float dot = 0.f;
-              for (int d = 0; d < D; ++d) dot += q[d] * sk[r * D + d];
-              float const sc = dot * p.scale_log2;
-              float const m_new = fmaxf(m, sc);
-              float const alpha = exp2f(m - m_new), pr = exp2f(sc - m_new);
-              l = l * alpha + pr;
-              for (int d = 0; d < D; ++d) acc[d] = acc[d] * alpha + pr * sv[r * D + d];
-              m = m_new;
-            }
-          }
-          __syncthreads();
-        }
-      }
-      if (!more) break;
-    }
+    });
     if (!active) continue;
     if (role.last && role.split_keys == 0) {
       float const inv = cuda_row_inverse(l);
