@@ -13,11 +13,13 @@ Registered with torch.library as `drdiff::hsa_attention` and `drdiff::hsa_attent
 (custom ops with fake implementations, autograd through register_autograd), so the operator works
 under torch.compile with no graph break, and with dynamic shapes no recompilation as N changes.
 
-This build runs on CPU tensors of float32 and float64 (drdiff::attention and
-drdiff::attention_backward through Eigen). The C++ side (csrc/attention_op.cpp) is compiled on first
-use with torch.utils.cpp_extension (needs a C++17 compiler, ninja, the library's headers: DRDIFF_INCLUDE or
-the source checkout's include/, and Eigen 3.4: DRDIFF_EIGEN_INCLUDE, or /usr/include/eigen3, or the
-checkout's .deps/include/eigen3). docs/pytorch.md has the details.
+CPU tensors of float32 and float64 run drdiff::attention and drdiff::attention_backward through Eigen
+(csrc/attention_op.cpp); CUDA tensors of bfloat16, float16 (head_dim 64 or 128) and float32 run the
+library's CUDA kernels (csrc/attention_op_cuda.cu; the lse is float32 there). Each side is compiled on
+first use with torch.utils.cpp_extension (needs ninja, the library's headers: DRDIFF_INCLUDE or the
+source checkout's include/; the CPU side a C++17 compiler and Eigen 3.4: DRDIFF_EIGEN_INCLUDE, or
+/usr/include/eigen3, or the checkout's .deps/include/eigen3; the CUDA side nvcc). docs/pytorch.md has
+the details.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .masks import INT_MAX, Tier
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.normpath(os.path.join(_HERE, "..", ".."))
 _EXT = None
+_CUDA_EXT = None
 _LOCK = threading.Lock()
 
 
@@ -56,12 +59,15 @@ def _eigen_include() -> str:
 
 
 def _sources_digest(source: str, include: str) -> str:
-    """A digest of the operator's source and every library header: part of the extension's name, so
-    a changed header builds a new extension (cpp_extension itself only watches the listed sources)."""
+    """A digest of the operator's sources (csrc/) and every library header: part of the extension's
+    name, so a changed header builds a new extension (cpp_extension itself only watches the listed
+    sources)."""
     h = hashlib.sha256()
-    paths = [source] + sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(include, "drdiff")) for f in fs)
+    csrc = os.path.join(_HERE, "csrc")
+    paths = [source] + sorted(os.path.join(csrc, f) for f in os.listdir(csrc) if f.endswith(".hpp"))
+    paths += sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(include, "drdiff")) for f in fs)
     for path in paths:
-        h.update(path[len(include):].encode() if path != source else b"op")
+        h.update(path[len(include):].encode() if path.startswith(include) else os.path.basename(path).encode())
         with open(path, "rb") as fh:
             h.update(fh.read())
     return h.hexdigest()[:12]
@@ -83,6 +89,35 @@ def extension():
     return _EXT
 
 
+def cuda_extension():
+    """The CUDA side, compiled with nvcc for the current device's architecture (sm_90a on Hopper, whose
+    wgmma kernels need it; compute capability X.Y elsewhere)."""
+    global _CUDA_EXT
+    with _LOCK:
+        if _CUDA_EXT is None:
+            from torch.utils.cpp_extension import load
+
+            major, minor = torch.cuda.get_device_capability()
+            arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+            source = os.path.join(_HERE, "csrc", "attention_op_cuda.cu")
+            include = _library_include()
+            _CUDA_EXT = load(name=f"drdiff_attention_op_cuda_{arch}_{_sources_digest(source, include)}",
+                             sources=[source], extra_include_paths=[include],
+                             extra_cflags=["-O3", "-std=c++17", "-DNDEBUG"],
+                             extra_cuda_cflags=["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr",
+                                                f"-gencode=arch=compute_{arch},code=sm_{arch}"], verbose=False)
+    return _CUDA_EXT
+
+
+def _ext_for(t: torch.Tensor):
+    return cuda_extension() if t.is_cuda else extension()
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """The lse's dtype: float32 on CUDA (the kernels keep it in fp32), q's dtype on the CPU."""
+    return torch.float32 if q.is_cuda else q.dtype
+
+
 def flatten_tiers(tiers: Sequence[Tier]) -> list[int]:
     """The tier table as the operator's integer list (7 per tier)."""
     if not tiers:
@@ -97,20 +132,20 @@ def flatten_tiers(tiers: Sequence[Tier]) -> list[int]:
 @torch.library.custom_op("drdiff::hsa_attention", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiers: list[int], scale: float,
              kv_lens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = extension().hsa_attention(q, k, v, tiers, scale, kv_lens)
+    o, lse = _ext_for(q).hsa_attention(q, k, v, tiers, scale, kv_lens)
     return o, lse
 
 
 @_forward.register_fake
 def _(q, k, v, tiers, scale, kv_lens):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3])
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("drdiff::hsa_attention_backward", mutates_args=())
 def _backward_op(d_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor, tiers: list[int], scale: float, kv_lens: Optional[torch.Tensor],
                  d_lse: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = extension().hsa_attention_backward(d_o, q, k, v, o, lse, tiers, scale, kv_lens, d_lse)
+    dq, dk, dv = _ext_for(q).hsa_attention_backward(d_o, q, k, v, o, lse, tiers, scale, kv_lens, d_lse)
     return dq, dk, dv
 
 
@@ -142,7 +177,7 @@ def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiers: Sequ
     """softmax(q·kᵀ·scale + mask)·v for q, k, v of shape [B, H, N, D] (last stride 1), the mask being
     the tier of `tiers` for N (bidirectional). `scale` 0 means 1/√D. `kv_lens` [B] (optional): keys
     at or past each batch's length are masked. With `return_lse`, also the natural-log log-sum-exp
-    [B, H, N] of the scaled scores (differentiable too)."""
+    [B, H, N] of the scaled scores (differentiable too; float32 on CUDA)."""
     o, lse = _forward(q, k, v, flatten_tiers(tiers), float(scale), kv_lens)
     return (o, lse) if return_lse else o
 
