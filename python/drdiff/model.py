@@ -357,7 +357,7 @@ class DrDiff(nn.Module):
     def attend_fn(self, n: int, device, backend: str = "flex", mask=None):
         """Attention over the tier's mask: "flex" (FlexAttention with `mask`, a BlockMask, or one built
         and cached here), "sdpa" (a dense boolean mask, for small n and CPU tests) or "drdiff" (the
-        library's kernels through drdiff.attention_op; CPU tensors in this build)."""
+        library's kernels through drdiff.attention_op, on CPU or CUDA tensors)."""
         if backend == "drdiff":  # the library's own kernels, forward and backward (drdiff.attention_op)
             if self.cfg.causal:
                 raise ValueError("the drdiff attention operator is bidirectional; a causal model uses flex or sdpa")

@@ -226,7 +226,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--attention", choices=["flex", "sdpa", "drdiff"], default="flex",
                     help="flex: FlexAttention block masks; sdpa: dense masks (small CPU runs); drdiff: the "
-                         "library's operator (drdiff.attention_op; CPU tensors in this build; diffusion only)")
+                         "library's operator (drdiff.attention_op: CPU or CUDA tensors; diffusion only)")
     ap.add_argument("--valid-len", type=int, default=4096)
     ap.add_argument("--valid-every", type=float, default=2.0, help="minutes between held-out evaluations")
     args = ap.parse_args(argv)
