@@ -104,7 +104,12 @@ def cuda_extension():
             _CUDA_EXT = load(name=f"drdiff_attention_op_cuda_{arch}_{_sources_digest(source, include)}",
                              sources=[source], extra_include_paths=[include],
                              extra_cflags=["-O3", "-std=c++17", "-DNDEBUG"],
+                             # (cpp_extension defines the __CUDA_NO_HALF*/BFLOAT16* macros; the library
+                             # converts through intrinsics, and these keep CUDA's own headers whole too)
                              extra_cuda_cflags=["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr",
+                                                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                                                "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+                                                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                                                 f"-gencode=arch=compute_{arch},code=sm_{arch}"], verbose=False)
     return _CUDA_EXT
 

@@ -112,6 +112,8 @@ def test_errors_name_the_problem():
         op.hsa_attention(q, k.detach().cpu(), v, SMALL)
     with pytest.raises(RuntimeError, match="takes bfloat16, float16 or float32"):
         op.hsa_attention(q.double(), k.double(), v.double(), SMALL)
+    with pytest.raises(RuntimeError, match="kv_lens must lie in"):
+        op.hsa_attention(q, k, v, SMALL, kv_lens=torch.tensor([101], device="cuda"))
 
 
 def test_the_model_loss_and_gradients_equal_flex_attention():

@@ -63,14 +63,14 @@ struct attention_backward_impl<cuda, T, std::enable_if_t<is_cuda_attention_type_
 
   static void check(attention_backward_args<T> const& a) {
     forward::check(a.fwd);
-    validate(a, /*host_lens=*/false);
-    if constexpr (tensor_cores) {
+    if constexpr (tensor_cores) {  // (before the overlap tests: a misaligned d_o is named as such)
       auto const& s = a.do_strides;
       DRDIFF_CHECK(reinterpret_cast<std::uintptr_t>(a.d_o) % 16 == 0 && s.batch % 8 == 0 && s.seq % 8 == 0 &&
                        s.head % 8 == 0,
                    "attention_backward (cuda): d_o must be 16-byte aligned with strides that are multiples of 8 "
                    "elements");
     }
+    validate(a, /*host_lens=*/false);
   }
 
   template <class Policy>

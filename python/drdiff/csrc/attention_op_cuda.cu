@@ -44,6 +44,11 @@ torch::Tensor lens_of(c10::optional<torch::Tensor> const& kv_lens, torch::Tensor
   auto const& l = *kv_lens;
   TORCH_CHECK(l.dim() == 1 && l.size(0) == q.size(0), "drdiff.hsa_attention: kv_lens must have shape [B] = [",
               q.size(0), "], got ", l.sizes());
+  // Checked here (one small copy to the host): the kernels only keep device lengths within [0, N].
+  auto const host = l.to(torch::kCPU, torch::kInt64);
+  auto const lo = host.min().item<int64_t>(), hi = host.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi <= q.size(2), "drdiff.hsa_attention: kv_lens must lie in [0, N = ", q.size(2),
+              "], got values from ", lo, " to ", hi);
   return l.to(q.device(), torch::kInt32).contiguous();
 }
 

@@ -44,6 +44,18 @@ DRDIFF_DEVICE float fast_exp2(float x) {
   return y;
 }
 
+/// Element conversions that do not lean on the 16-bit types' conversion operators, which builds with
+/// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ (PyTorch's extensions) remove.
+DRDIFF_DEVICE float cuda_to_float(float x) { return x; }
+DRDIFF_DEVICE float cuda_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+DRDIFF_DEVICE float cuda_to_float(__half x) { return __half2float(x); }
+template <class T>
+DRDIFF_DEVICE T cuda_from_float(float x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(x);
+  else if constexpr (std::is_same_v<T, __half>) return __float2half(x);
+  else return T(x);
+}
+
 /// Per-type pieces of the 16-bit tensor-core path.
 template <class T>
 struct mma16;

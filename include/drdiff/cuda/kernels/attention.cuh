@@ -62,7 +62,8 @@ DRDIFF_KERNEL void __launch_bounds__(32 * W, cuda_attention_min_blocks(D, W))
   if (t >= seg.num_q_tiles(pass)) return;  // past this head's tiles (another head in the launch has more)
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
-  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  // Keys stop at the batch's length, kept within [0, seq] (device lengths are not checked on the host).
+  int const L = p.kv_lens ? min(max(p.kv_lens[b], 0), p.seq) : p.seq;
   int const key_lo = role.split_keys > 0 ? role.split * role.split_keys : 0;
   int const key_hi = role.split_keys > 0 ? min(L, key_lo + role.split_keys) : L;
   int const tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
@@ -266,7 +267,8 @@ DRDIFF_KERNEL void __launch_bounds__(128, cuda_attention_min_blocks(D, 4))
   int const cnt = rows.count, r0 = rows.start;
   if (cnt <= 0) return;
   auto const view = attn::pass_view(pt, p.pass);
-  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  // Keys stop at the batch's length, kept within [0, seq] (device lengths are not checked on the host).
+  int const L = p.kv_lens ? min(max(p.kv_lens[b], 0), p.seq) : p.seq;
   // Rows run to seq even when keys stop at L, so only seq bounds the reach (and keeps the sums below
   // from overflowing).
   int const w = min(view.traits(pt).band_hi, p.seq);

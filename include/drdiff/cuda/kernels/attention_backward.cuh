@@ -103,7 +103,7 @@ DRDIFF_KERNEL void __launch_bounds__(256) attention_bwd_prep_kernel(__grid_const
   T const* const o = p.o + b * p.os.batch + std::int64_t(i) * p.os.seq + h * p.os.head;
   T const* const g = p.d_o + b * p.dos.batch + std::int64_t(i) * p.dos.seq + h * p.dos.head;
   float s = 0.f;
-  for (int d = lane; d < p.dim; d += 32) s += static_cast<float>(o[d]) * static_cast<float>(g[d]);
+  for (int d = lane; d < p.dim; d += 32) s += cuda_to_float(o[d]) * cuda_to_float(g[d]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   if (lane == 0) p.drow[r] = p.d_lse ? s - p.d_lse[r] : s;
@@ -123,9 +123,9 @@ DRDIFF_KERNEL void attention_bwd_finish_kernel(float const* dq_acc, float const*
     int const i = int(rest % seq);
     rest /= seq;
     int const h = int(rest % heads), b = int(rest / heads);
-    dq[b * dqs.batch + std::int64_t(i) * dqs.seq + h * dqs.head + d] = T(dq_acc[e] * scale);
-    dk[b * dks.batch + std::int64_t(i) * dks.seq + h * dks.head + d] = T(dk_acc[e] * scale);
-    dv[b * dvs.batch + std::int64_t(i) * dvs.seq + h * dvs.head + d] = T(dv_acc[e]);
+    dq[b * dqs.batch + std::int64_t(i) * dqs.seq + h * dqs.head + d] = cuda_from_float<T>(dq_acc[e] * scale);
+    dk[b * dks.batch + std::int64_t(i) * dks.seq + h * dks.head + d] = cuda_from_float<T>(dk_acc[e] * scale);
+    dv[b * dvs.batch + std::int64_t(i) * dvs.seq + h * dvs.head + d] = cuda_from_float<T>(dv_acc[e]);
   }
 }
 
@@ -228,7 +228,8 @@ DRDIFF_KERNEL void __launch_bounds__(128) attention_bwd_mma_kernel(__grid_consta
   if (t >= seg.num_q_tiles(pass)) return;  // past this head's tiles (another head in the launch has more)
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
-  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  // Keys stop at the batch's length, kept within [0, seq] (device lengths are not checked on the host).
+  int const L = p.kv_lens ? min(max(p.kv_lens[b], 0), p.seq) : p.seq;
   int const key_lo = p.split_keys > 0 ? int(blockIdx.z) * p.split_keys : 0;
   int const key_hi = p.split_keys > 0 ? min(L, key_lo + p.split_keys) : L;
   if (key_lo >= key_hi) return;
@@ -400,7 +401,8 @@ DRDIFF_KERNEL void __launch_bounds__(64) attention_bwd_simt_kernel(__grid_consta
   if (t >= seg.num_q_tiles(pass)) return;
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
-  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  // Keys stop at the batch's length, kept within [0, seq] (device lengths are not checked on the host).
+  int const L = p.kv_lens ? min(max(p.kv_lens[b], 0), p.seq) : p.seq;
   int const key_lo = p.split_keys > 0 ? int(blockIdx.z) * p.split_keys : 0;
   int const key_hi = p.split_keys > 0 ? min(L, key_lo + p.split_keys) : L;
   if (key_lo >= key_hi) return;

@@ -6,6 +6,7 @@
 
 #include <drdiff/attention/index_range.hpp>
 #include <drdiff/cuda/config.cuh>
+#include <drdiff/cuda/detail/mma.cuh>
 #include <drdiff/cuda/kernels/attention_segments.cuh>
 #include <drdiff/cuda/launch.cuh>
 
@@ -62,7 +63,7 @@ __device__ __forceinline__ void cuda_simt_key_walk(Seg const& seg, int pass, int
 template <class T, class Seg>
 DRDIFF_KERNEL void __launch_bounds__(64) attention_simt_kernel(__grid_constant__ const cuda_attention_params<T, Seg> p) {
   constexpr int BM = 64, BN = 16, DMAX = 256;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   float* const sk = reinterpret_cast<float*>(smem_raw);  // BN × dim
   float* const sv = sk + BN * p.dim;
   __shared__ __align__(16) unsigned char segs_raw[sizeof(cuda_segment) * cuda_segment_batch];
@@ -78,7 +79,8 @@ DRDIFF_KERNEL void __launch_bounds__(64) attention_simt_kernel(__grid_constant__
   if (t >= seg.num_q_tiles(pass)) return;  // past this head's tiles (another head in the launch has more)
   attn::index_range const all_rows = seg.q_tile(pass, t);
   if (all_rows.count <= 0) return;
-  int const L = p.kv_lens ? p.kv_lens[b] : p.seq;
+  // Keys stop at the batch's length, kept within [0, seq] (device lengths are not checked on the host).
+  int const L = p.kv_lens ? min(max(p.kv_lens[b], 0), p.seq) : p.seq;
   int const key_lo = role.split_keys > 0 ? role.split * role.split_keys : 0;
   int const key_hi = role.split_keys > 0 ? min(L, key_lo + role.split_keys) : L;
   T const* const qb = p.q + b * p.qs.batch + h * p.qs.head;
@@ -187,7 +189,7 @@ DRDIFF_KERNEL void attention_merge_kernel(__grid_constant__ const cuda_attention
 #pragma unroll 4
     for (int z = 0; z < splits; ++z)
       if (w[z] != 0.f) a += p.part_acc[at(z) * p.dim + d] * w[z];
-    o[d] = T(a * inv);
+    o[d] = cuda_from_float<T>(a * inv);
   }
 }
 
