@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.
 
 # The CUDA test programs and benchmarks (one list for the build, the prebuilt run and the benchmarks).
 tests=(attention.cuda attention.cuda.mma attention.policy.cuda attention.backward.cuda solver.cuda router.cuda anchor.cuda model.cuda
-       concurrency.cuda)
+       concurrency.cuda distributed.cuda)
 benches=(attention solver moe round model)
 if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" -DDRDIFF_ENABLE_CUDA=ON \
@@ -41,7 +41,7 @@ status=0
 if [ "$mode" != bench ]; then
 echo "== CUDA tests"
 if [ -z "${DRDIFF_GPU_PREBUILT:-}" ]; then
-  (cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model|concurrency)') > "$out/ctest_cuda.log" 2>&1 || status=1
+  (cd "$build" && ctest -L cuda --output-on-failure -R 'drdiff.test.(attention|solver|router|anchor|model|concurrency|distributed)') > "$out/ctest_cuda.log" 2>&1 || status=1
   grep -E 'tests passed|Failed|\*\*\*' "$out/ctest_cuda.log" || true
 else
   for t in "${tests[@]}"; do
@@ -68,6 +68,9 @@ if [ "$mode" = full ] || [ "$mode" = tests ]; then
       "CUDA attention_backward matches the reference for every pattern*" > "$out/sanitizer_backward_$tool.log" 2>&1 \
       && echo "$tool (backward): clean" || { echo "$tool: FAILED (see $out/sanitizer_backward_$tool.log)"; status=1; }
   done
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$build/test/drdiff.test.distributed.cuda" \
+    "distributed attention on one GPU, ranks as threads, equals one call" > "$out/sanitizer_distributed_memcheck.log" 2>&1 \
+    && echo "memcheck (distributed): clean" || { echo "memcheck (distributed): FAILED (see $out/sanitizer_distributed_memcheck.log)"; status=1; }
 fi
 [ "$mode" = tests ] && exit $status
 echo "== benchmarks"

@@ -14,14 +14,19 @@
 #include <drdiff/attention/block_segments.hpp>
 #include <drdiff/attention/capabilities.hpp>
 #include <drdiff/attention/distributed.hpp>
+#include <drdiff/attention/distributed_attention.hpp>
+#include <drdiff/attention/distributed_ops.hpp>
 #include <drdiff/attention/policies.hpp>
 #include <drdiff/core/backend.hpp>
 #include <drdiff/core/config.hpp>
+#include <drdiff/core/distributed.hpp>
 #include <drdiff/core/error.hpp>
+#include <drdiff/core/thread_comm.hpp>
 #include <drdiff/cpu/anchor.hpp>
 #include <drdiff/cpu/attention.hpp>
 #include <drdiff/cpu/attention_backward.hpp>
 #include <drdiff/cpu/attention_reference.hpp>
+#include <drdiff/cpu/distributed.hpp>
 #include <drdiff/cpu/model.hpp>
 #include <drdiff/cpu/moe.hpp>
 #include <drdiff/cpu/solver.hpp>
@@ -31,6 +36,7 @@
 #include <drdiff/model/safetensors.hpp>
 #include <drdiff/model/tokenizer.hpp>
 #include <drdiff/model/weights.hpp>
+#include <drdiff/router/distributed_moe.hpp>
 #include <drdiff/router/moe.hpp>
 #include <drdiff/router/routers.hpp>
 #include <drdiff/solver/dpmpp.hpp>

@@ -142,6 +142,190 @@ inline std::vector<halo_run> halo_runs(std::vector<int> const& keys, int n, int 
   return runs;
 }
 
+/// The global tokens of a built-in policy at (n, heads), sorted: the same for every head (the
+/// built-in policies choose them per policy, not per head; checked). `host_list` stands in for the
+/// policy's list when that list lives in device memory (nullptr: read the policy's own).
+/// `list_readable` = false when the policy's own list is in device memory (then a list rule needs
+/// `host_list`).
+template <class Policy>
+std::vector<int> global_positions(Policy const& policy, int n, int heads, int const* host_list = nullptr,
+                                  bool list_readable = true) {
+  std::vector<int> out;
+  pattern first{};
+  for (int h = 0; h < heads; ++h) {
+    pattern p = attn::bind(policy, n, h);
+    if (p.rule == global_rule::list && host_list) p.global_list = host_list;
+    if (h == 0) {
+      first = p;
+      index_range const g = p.global_keys();
+      DRDIFF_CHECK(p.rule != global_rule::list || p.num_global == 0 || p.global_list, "global_positions: the "
+                   "policy's global list is null");
+      DRDIFF_CHECK(p.rule != global_rule::list || p.num_global == 0 || host_list || list_readable,
+                   "global_positions: the policy's global tokens are an explicit list in device memory; the plan is "
+                   "made on the host and needs the same ", p.num_global, " positions in host memory "
+                   "(distributed_attention_args::maybe_host_global_list)");
+      out.reserve(std::size_t(g.count));
+      for (int x = 0; x < g.count; ++x) out.push_back(g[x]);
+      continue;
+    }
+    DRDIFF_CHECK(p.rule == first.rule && p.num_global == first.num_global && p.global_stride == first.global_stride &&
+                     p.global_list == first.global_list, "global_positions: head ", h, " has other global tokens "
+                 "than head 0; sequence parallelism needs one set for all heads");
+  }
+  return out;
+}
+
+/// One rank's plan for a sequence-parallel attention call, computed the same way on every rank (each
+/// rank also works out what its peers need from it). Host memory; see docs/attention.md, "Sequence
+/// parallelism".
+///
+/// The rank's *frame* is the sequence it runs the ordinary attention on: the global tokens left of
+/// its slab, the slab [lo, hi) — its chunk and the non-global keys of its halo, at their distances —
+/// and the global tokens right of it. In the frame the window and the dilations mean what they
+/// mean in the sequence (they depend on distances only), the global tokens are a list, and keys of
+/// the slab that no row of the chunk attends are never reached by those rows; so the chunk's
+/// non-global rows get exactly their keys. Global rows attend every key: each rank computes them
+/// over its own chunk's keys and the parts are merged by log-sum-exp.
+struct dist_plan {
+  int n = 0, heads = 0, ranks = 1, rank = 0;
+  chunk own{};
+  int lo = 0, hi = 0;                ///< the slab
+  int left_globals = 0;              ///< global tokens below lo: frame rows [0, left_globals)
+  int frame_len = 0;                 ///< rows of the frame
+  std::vector<int> globals;          ///< the G global positions, sorted
+  std::vector<int> frame_globals;    ///< their rows in the frame (sorted, as the frame's list)
+  std::vector<int> owned_first;      ///< globals[owned_first[r] .. owned_first[r + 1]) lie in rank r's chunk
+  int max_owned = 0;                 ///< the most global tokens one rank owns
+  std::vector<std::vector<int>> recv_keys;  ///< per peer: the halo keys it sends this rank (sorted)
+  std::vector<std::vector<int>> send_keys;  ///< per peer: the keys of this rank's chunk it needs
+
+  int num_globals() const noexcept { return int(globals.size()); }
+  /// Frame row of the chunk's first row.
+  int chunk_row() const noexcept { return left_globals + own.begin - lo; }
+  /// Frame row of a key the frame holds: a slab position, or a global token's position.
+  int frame_row(int j) const {
+    if (j >= lo && j < hi) return left_globals + j - lo;
+    auto const it = std::lower_bound(globals.begin(), globals.end(), j);
+    DRDIFF_CHECK(it != globals.end() && *it == j, "dist_plan: key ", j, " is not in rank ", rank, "'s frame");
+    return frame_globals[std::size_t(it - globals.begin())];
+  }
+};
+
+/// The non-global halo keys of [begin, end) under every head of `policy` (with `host_list` for a
+/// device-memory global list), and whether a head is dense.
+template <class Policy>
+std::vector<int> plain_halo(Policy const& policy, int n, int heads, int begin, int end, int const* host_list,
+                            std::vector<int> const& globals) {
+  std::vector<int> all;
+  for (int h = 0; h < heads; ++h) {
+    pattern p = attn::bind(policy, n, h);
+    if (p.rule == global_rule::list && host_list) p.global_list = host_list;
+    auto const k = halo_keys(p, begin, end);
+    for (int j : k)
+      if (!std::binary_search(globals.begin(), globals.end(), j)) all.push_back(j);
+  }
+  std::sort(all.begin(), all.end());
+  all.erase(std::unique(all.begin(), all.end()), all.end());
+  return all;
+}
+
+/// The plan of rank `rank` of `ranks` for `policy` over n tokens and `heads` heads. Validates the
+/// policy (it must bind to attn::pattern: the built-in policies do).
+template <class Policy>
+dist_plan make_dist_plan(Policy const& policy, int n, int heads, int ranks, int rank, int const* host_list = nullptr,
+                         bool list_readable = true) {
+  static_assert(std::is_same_v<std::decay_t<decltype(attn::bind(policy, 0, 0))>, pattern>,
+                "drdiff::attn::make_dist_plan: the policy must bind to attn::pattern (the built-in policies do); "
+                "sequence parallelism has no rule for other policies");
+  DRDIFF_CHECK(heads > 0, "make_dist_plan: heads = ", heads, " must be > 0");
+  dist_plan d;
+  d.n = n;
+  d.heads = heads;
+  d.ranks = ranks;
+  d.rank = rank;
+  d.own = sequence_chunk(n, ranks, rank);
+  attn::validate(policy, n, heads, host_list == nullptr && list_readable);
+  d.globals = global_positions(policy, n, heads, host_list, list_readable);
+  for (std::size_t x = 1; x < d.globals.size(); ++x)  // a list given on the host is checked here
+    DRDIFF_CHECK(d.globals[x] > d.globals[x - 1] && d.globals[x - 1] >= 0 && d.globals.back() < n,
+                 "make_dist_plan: the global list must be strictly increasing in [0, n = ", n, ")");
+  // What each rank needs from each other rank (the same arithmetic on every rank).
+  d.recv_keys.assign(std::size_t(ranks), {});
+  d.send_keys.assign(std::size_t(ranks), {});
+  for (int r = 0; r < ranks; ++r) {
+    chunk const c = sequence_chunk(n, ranks, r);
+    auto const keys = plain_halo(policy, n, heads, c.begin, c.end, host_list, d.globals);
+    for (int j : keys) {
+      int const owner = chunk_owner(n, ranks, j);
+      if (r == rank) d.recv_keys[std::size_t(owner)].push_back(j);
+      else if (owner == rank) d.send_keys[std::size_t(r)].push_back(j);
+    }
+  }
+  // The slab: the chunk and its plain halo.
+  d.lo = d.own.begin;
+  d.hi = d.own.end;
+  for (auto const& keys : d.recv_keys)
+    if (!keys.empty()) {
+      d.lo = std::min(d.lo, keys.front());
+      d.hi = std::max(d.hi, keys.back() + 1);
+    }
+  // The frame: left globals, the slab, right globals; the globals' rows in it.
+  int const G = d.num_globals();
+  d.left_globals = int(std::lower_bound(d.globals.begin(), d.globals.end(), d.lo) - d.globals.begin());
+  int const right_first = int(std::lower_bound(d.globals.begin(), d.globals.end(), d.hi) - d.globals.begin());
+  int const slab = d.hi - d.lo;
+  d.frame_len = d.left_globals + slab + (G - right_first);
+  d.frame_globals.resize(std::size_t(G));
+  for (int x = 0; x < G; ++x) {
+    int const j = d.globals[std::size_t(x)];
+    d.frame_globals[std::size_t(x)] = x < d.left_globals ? x : x < right_first ? d.left_globals + j - d.lo
+                                                                                : d.left_globals + slab + (x - right_first);
+  }
+  d.owned_first.assign(std::size_t(ranks) + 1, 0);
+  for (int r = 0; r < ranks; ++r) {
+    chunk const c = sequence_chunk(n, ranks, r);
+    d.owned_first[std::size_t(r)] = int(std::lower_bound(d.globals.begin(), d.globals.end(), c.begin) - d.globals.begin());
+  }
+  d.owned_first[std::size_t(ranks)] = G;
+  for (int r = 0; r < ranks; ++r)
+    d.max_owned = std::max(d.max_owned, d.owned_first[std::size_t(r) + 1] - d.owned_first[std::size_t(r)]);
+  return d;
+}
+
+/// The policy a rank runs on its frame: `inner` bound at the whole sequence's length, seen from the
+/// frame (window and dilations unchanged, the global tokens as the frame's list). Trivially
+/// copyable; the list is borrowed (host memory for drdiff::cpu, device memory for drdiff::cuda).
+template <class Policy>
+struct frame_policy {
+  Policy inner{};
+  int n = 0;                    ///< the whole sequence's length
+  int frame_len = 0;
+  int num_globals = 0;
+  int const* frame_list = nullptr;
+  int const* host_list = nullptr;  ///< the inner policy's global list on the host, when it has one there
+
+  DRDIFF_HOST_DEVICE constexpr pattern bind(int len, int head) const noexcept {
+    pattern p = attn::bind(inner, n, head);
+    p.n = len;
+    if (p.is_dense) return p;
+    // Distances in the frame stay below len, so clamping to len keeps the mask (and int arithmetic).
+    p.window = p.window < len ? p.window : len;
+    for (int c = 0; c < p.num_dilations; ++c) {
+      p.dil[c].span = p.dil[c].span < len ? p.dil[c].span : len;
+      p.dil[c].rate = p.dil[c].rate < len ? p.dil[c].rate : len;
+    }
+    p.rule = num_globals > 0 ? global_rule::list : global_rule::none;
+    p.num_global = num_globals;
+    p.global_stride = 1;
+    p.global_list = num_globals > 0 ? frame_list : nullptr;
+    return p;
+  }
+  void validate(int len, int heads, bool = true) const {
+    DRDIFF_CHECK(len == frame_len, "frame_policy: the call's seq = ", len, " is not the frame's ", frame_len, " rows");
+    attn::validate(inner, n, heads, host_list == nullptr);
+  }
+};
+
 /// Bytes a rank receives per attention layer: its halo's K and V rows (all heads of head_dim values
 /// of `elem_bytes` each), against ring attention's, which moves every other rank's K and V.
 struct halo_traffic {
