@@ -329,6 +329,42 @@ TEST_CASE("distributed attention refuses bad arguments on every rank", "[attenti
   });
   CHECK(errors[0] != "");
   CHECK(errors[1] != "");
+  // The ranks disagree on the scale: valid on each rank, refused on both by the agreement.
+  split(policy, t, 2, o, lse, errors, [](int r, auto& args, std::size_t&) {
+    if (r == 1) args.chunk.softmax_scale = 0.5;
+  });
+  for (auto const& e : errors) CHECK_THAT(e, Catch::Matchers::Contains("the ranks disagree on softmax_scale"));
+  {  // The ranks pass different windows: the pattern's fingerprint differs, both stop.
+    thread_comm_group group(2);
+    std::vector<std::string> err(2);
+    std::vector<float> out(t.q.size());
+    auto rank = [&](int r, auto const& pol) {
+      try {
+        cpu_communicator comm(group, r);
+        distributed_context<cpu, cpu_communicator> d{{1}, &comm};
+        attn::chunk const c = attn::sequence_chunk(t.n, 2, r);
+        distributed_attention_args<float> a;
+        a.seq = t.n;
+        a.chunk = make_attention_args<float>(t.q.data() + c.begin * 32, t.k.data() + c.begin * 32,
+                                             t.v.data() + c.begin * 32, out.data() + c.begin * 32, 1, c.size(), 1, 32);
+        std::vector<unsigned char> ws(distributed_attention_workspace_bytes(d, pol, a));
+        distributed_attention(d, pol, a, ws.data(), ws.size());
+      } catch (std::exception const& e) {
+        err.at(std::size_t(r)).assign(e.what());
+      }
+    };
+    std::thread t0([&] { rank(0, attn::local_window{8}); });
+    std::thread t1([&] { rank(1, attn::local_window{9}); });
+    t0.join();
+    t1.join();
+    for (auto const& e : err) CHECK_THAT(e, Catch::Matchers::Contains("disagree on the attention pattern"));
+  }
+  // A workspace too small on one rank: it aborts the group, so the other stops too.
+  split(policy, t, 2, o, lse, errors, [](int r, auto&, std::size_t& bytes) {
+    if (r == 0) bytes = 8;
+  });
+  CHECK_THAT(errors[0], Catch::Matchers::Contains("cannot even hold the ranks' agreement"));
+  CHECK_THAT(errors[1], Catch::Matchers::Contains("thread_communicator"));
   // A null communicator, and a workspace too small for the agreement.
   distributed_attention_args<float> args;
   distributed_context<cpu, cpu_communicator> none{{1}, nullptr};
@@ -339,5 +375,17 @@ TEST_CASE("distributed attention refuses bad arguments on every rank", "[attenti
   CHECK_THROWS_WITH(distributed_attention(d, policy, args, nullptr, 0),
                     Catch::Matchers::Contains("cannot even hold the ranks' agreement"));
   CHECK_THROWS_WITH(thread_comm_group(0), Catch::Matchers::Contains("size = 0"));
+  // A global list given on the host is checked, its first entry too.
+  int const outside[] = {150};
+  int const unsorted[] = {3, 9, 9};
+  distributed_attention_args<float> h;
+  h.seq = 100;
+  h.chunk = make_attention_args<float>(t.q.data(), t.k.data(), t.v.data(), o.data(), 1, 100, 1, 32);
+  h.maybe_host_global_list = outside;
+  CHECK_THROWS_WITH(distributed_attention_workspace_bytes(d, attn::global_tokens::explicit_list(outside, 1), h),
+                    Catch::Matchers::Contains("list[0] = 150 is outside [0, N = 100)"));
+  h.maybe_host_global_list = unsorted;
+  CHECK_THROWS_WITH(distributed_attention_workspace_bytes(d, attn::global_tokens::explicit_list(unsorted, 3), h),
+                    Catch::Matchers::Contains("list[1] = 9 and list[2] = 9"));
   CHECK_THROWS_WITH(cpu_communicator(one, 1), Catch::Matchers::Contains("rank = 1"));
 }

@@ -246,9 +246,12 @@ dist_plan make_dist_plan(Policy const& policy, int n, int heads, int ranks, int 
   d.own = sequence_chunk(n, ranks, rank);
   attn::validate(policy, n, heads, host_list == nullptr && list_readable);
   d.globals = global_positions(policy, n, heads, host_list, list_readable);
-  for (std::size_t x = 1; x < d.globals.size(); ++x)  // a list given on the host is checked here
-    DRDIFF_CHECK(d.globals[x] > d.globals[x - 1] && d.globals[x - 1] >= 0 && d.globals.back() < n,
-                 "make_dist_plan: the global list must be strictly increasing in [0, n = ", n, ")");
+  for (std::size_t x = 0; x < d.globals.size(); ++x) {  // a list given on the host is checked here
+    int const g = d.globals[x];
+    DRDIFF_CHECK(g >= 0 && g < n, "make_dist_plan: global token list[", x, "] = ", g, " is outside [0, N = ", n, ")");
+    DRDIFF_CHECK(x == 0 || g > d.globals[x - 1], "make_dist_plan: the global token list must be strictly increasing, "
+                 "but list[", x - 1, "] = ", d.globals[x - 1], " and list[", x, "] = ", g);
+  }
   // What each rank needs from each other rank (the same arithmetic on every rank).
   d.recv_keys.assign(std::size_t(ranks), {});
   d.send_keys.assign(std::size_t(ranks), {});
@@ -320,9 +323,9 @@ struct frame_policy {
     p.global_list = num_globals > 0 ? frame_list : nullptr;
     return p;
   }
-  void validate(int len, int heads, bool = true) const {
+  void validate(int len, int heads, bool read_pointers = true) const {
     DRDIFF_CHECK(len == frame_len, "frame_policy: the call's seq = ", len, " is not the frame's ", frame_len, " rows");
-    attn::validate(inner, n, heads, host_list == nullptr);
+    attn::validate(inner, n, heads, read_pointers && host_list == nullptr);
   }
 };
 

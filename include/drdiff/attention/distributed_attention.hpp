@@ -112,7 +112,7 @@ dist_calls<T> dist_make_calls(dist_layout<T> const& l, attn::dist_plan const& pl
 
 template <class Backend, class Policy, class T>
 dist_layout<T> dist_make_layout(context<Backend> const& ctx, Policy const& policy, attn::dist_plan const& plan,
-                                attention_args<T> const& a) {
+                                attention_args<T> const& a, int const* host_list) {
   using A = typename dist_layout<T>::A;
   dist_layout<T> l;
   l.batch = a.batch; l.heads = a.heads; l.dim = a.head_dim;
@@ -151,13 +151,19 @@ dist_layout<T> dist_make_layout(context<Backend> const& ctx, Policy const& polic
   l.grecv = dist_take(at, P * l.slot_elems * sizeof(T));
   l.merge_m = dist_take(at, B * H * G * sizeof(A));
   l.merge_acc = dist_take(at, B * H * G * (std::size_t(l.dim) + 1) * sizeof(A));
-  // The inner attention calls' own workspace (one call at a time).
-  dist_calls<T> const calls = dist_make_calls(l, plan, nullptr, a.softmax_scale);
-  attn::frame_policy<Policy> const fp{policy, plan.n, l.F, l.G, nullptr, nullptr};
+  // The inner attention calls' own workspace (one call at a time). The query sees the calls as they
+  // will be, at a stand-in base address (aligned, never dereferenced: a backend's size query checks
+  // the arguments but reads no tensor), so that a frame the backend refuses is refused here, before
+  // any rank waits on another.
+  auto* const stand_in = reinterpret_cast<unsigned char*>(std::uintptr_t(1) << 20);
+  dist_calls<T> const calls = dist_make_calls(l, plan, stand_in, a.softmax_scale);
+  auto const* const stand_in_list = reinterpret_cast<int const*>(stand_in + l.frame_list);
+  attn::frame_policy<Policy> const fp{policy, plan.n, l.F, l.G, l.G > 0 ? stand_in_list : nullptr,
+                                      host_list};
   l.inner_bytes = attention_workspace_bytes(ctx, fp, calls.frame);
   if (l.G > 0)
-    l.inner_bytes = std::max(
-        l.inner_bytes, attention_workspace_bytes(ctx, attn::global_tokens::explicit_list(nullptr, l.G), calls.part));
+    l.inner_bytes = std::max(l.inner_bytes, attention_workspace_bytes(ctx, attn::global_tokens::explicit_list(
+        reinterpret_cast<int const*>(stand_in + l.part_list), l.G), calls.part));
   l.inner = dist_take(at, l.inner_bytes);
   l.total = at + dist_align;  // room to align the caller's pointer
   return l;
@@ -328,7 +334,7 @@ std::size_t distributed_attention_workspace_bytes(distributed_context<Backend, C
   detail::dist_check_comm("distributed_attention", d.comm);
   auto const plan = attn::make_dist_plan(policy, args.seq, args.chunk.heads, d.comm->size(), d.comm->rank(),
                                          args.maybe_host_global_list, detail::dist_exec<Backend>::host_memory);
-  return detail::dist_make_layout(d.local, policy, plan, args.chunk).total;
+  return detail::dist_make_layout(d.local, policy, plan, args.chunk, args.maybe_host_global_list).total;
 }
 
 /// Runs one sequence-parallel attention call; every rank of the communicator calls it with the same
@@ -343,8 +349,8 @@ void distributed_attention(distributed_context<Backend, Comm> const& d, Policy c
   detail::check_policy<Policy>();
   detail::dist_check_comm("distributed_attention", d.comm);
   Comm& comm = *d.comm;
-  // The agreement needs a few bytes of the workspace before anything else can be checked.
-  detail::dist_check_agree_space("distributed_attention", comm.rank(), workspace, workspace_bytes);
+  detail::dist_exec<Backend>::enter(d.local);
+  detail::dist_check_agree_space("distributed_attention", comm, workspace, workspace_bytes);
   unsigned char* const base = detail::dist_aligned(workspace);
   attention_args<T> const& a = args.chunk;
 
@@ -360,15 +366,31 @@ void distributed_attention(distributed_context<Backend, Comm> const& d, Policy c
                  " rows, but its chunk of seq = ", args.seq, " over ", comm.size(), " ranks is [", plan.own.begin,
                  ", ", plan.own.end, ")");
     validate(a, false);
-    lay = detail::dist_make_layout(d.local, policy, plan, a);
+    lay = detail::dist_make_layout(d.local, policy, plan, a, args.maybe_host_global_list);
     DRDIFF_CHECK(workspace_bytes >= lay.total, "distributed_attention: workspace_bytes = ", workspace_bytes,
                  " is smaller than the ", lay.total, " bytes distributed_attention_workspace_bytes() asks for");
   } catch (error const& e) {
     failure = e.what();
   }
-  double const shape[5] = {double(args.seq), double(a.batch), double(a.heads), double(a.head_dim), double(sizeof(T))};
-  char const* const names[5] = {"seq", "batch", "heads", "head_dim", "the element size"};
-  detail::dist_agree<Backend>(d, "distributed_attention", failure, shape, names, 5, base);
+  // The shapes, the scale and the pattern (every head's window, dilations and global tokens): a rank
+  // with another policy would send and receive other halos.
+  detail::dist_fingerprint pattern;
+  if (failure.empty())
+    for (int h = 0; h < a.heads; ++h) {
+      attn::pattern const p = attn::bind(policy, args.seq, h);
+      for (std::int64_t v : {std::int64_t(p.is_dense), std::int64_t(p.window), std::int64_t(p.num_dilations)})
+        pattern.add(v);
+      for (int c = 0; c < p.num_dilations; ++c) {
+        pattern.add(p.dil[c].rate);
+        pattern.add(p.dil[c].span);
+      }
+    }
+  for (int g : plan.globals) pattern.add(g);
+  double const shape[7] = {double(args.seq), double(a.batch), double(a.heads), double(a.head_dim), double(sizeof(T)),
+                           a.scale(), pattern.value()};
+  char const* const names[7] = {"seq", "batch", "heads", "head_dim", "the element size", "softmax_scale",
+                                "the attention pattern (its fingerprint)"};
+  detail::dist_agree<Backend>(d, "distributed_attention", failure, shape, names, 7, base);
   try {
     detail::dist_run(d, policy, args, plan, lay, base);
   } catch (...) {

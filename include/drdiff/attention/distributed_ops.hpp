@@ -7,6 +7,7 @@
 
 #include <drdiff/attention/args.hpp>
 #include <drdiff/core/config.hpp>
+#include <drdiff/core/distributed.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -77,7 +78,8 @@ struct merge_weigh {
     A const mx = m[row];
     // exp(−∞ − finite) = 0; both −∞ (no rank has a key): weight 0 too; NaN: NaN.
     A const w = l == -A(INFINITY) ? A(0) : A(std::exp(l - mx));
-    acc[e] = d == dim ? w : w * A(o[b * os.batch + std::int64_t(row0 + g) * os.seq + h * os.head + d]);
+    acc[e] = d == dim ? w
+                      : w * drdiff::detail::dist_cast<A>(o[b * os.batch + std::int64_t(row0 + g) * os.seq + h * os.head + d]);
   }
 };
 
@@ -112,7 +114,7 @@ struct merge_finish {
       // w = 0 only when no rank had a key (impossible for a global row over n >= 1 keys): 0, as the
       // single-device kernels write for a row without keys.
       A const v = nan ? w : w > A(0) ? a[d] / w : A(0);
-      o[b * os.batch + std::int64_t(rows[x]) * os.seq + h * os.head + d] = T(v);
+      o[b * os.batch + std::int64_t(rows[x]) * os.seq + h * os.head + d] = drdiff::detail::dist_cast<T>(v);
     } else if (lse) {
       lse[(std::int64_t(b) * heads + h) * lse_rows + rows[x]] = nan ? w : w > A(0) ? A(m[row] + std::log(w))
                                                                                     : -A(INFINITY);

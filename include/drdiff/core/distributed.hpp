@@ -54,6 +54,7 @@ namespace detail {
 ///   static void upload(context<B> const&, void* dst, void const* host, std::size_t bytes);
 ///   static void download(context<B> const&, void* host, void const* src, std::size_t bytes);  // complete on return
 ///   static constexpr bool host_memory;                               // the backend's memory is the host's
+///   static void enter(context<B> const&);                            // make the context's device current
 ///   template <class Comm> static void agree(context<B> const&, Comm&, double* host, int count, void* scratch);
 ///                                                                   // all-reduce max of `host`, in place
 template <class Backend, class = void>
@@ -69,7 +70,7 @@ template <class C>
 struct has_abort<C, void_t<decltype(std::declval<C&>().abort())>> : std::true_type {};
 
 inline constexpr std::size_t dist_align = 256;
-inline constexpr int dist_agree_count = 12;
+inline constexpr int dist_agree_count = 16;  // the failure flag and up to 7 values, each as x and −x
 
 /// Takes `bytes` at `at`, rounded up to the alignment; returns where they start.
 inline std::size_t dist_take(std::size_t& at, std::size_t bytes) {
@@ -91,33 +92,63 @@ void dist_check_comm(char const* who, Comm const* comm) {
                " are not a rank of a group");
 }
 
-/// The agreement needs a few bytes of the workspace before anything else can be checked.
-inline void dist_check_agree_space(char const* who, int rank, void* workspace, std::size_t bytes) {
+/// The agreement needs a few bytes of the workspace before anything else can be checked. Without
+/// them this rank cannot take part: it aborts the communicator when it can (the others then throw
+/// too), else they wait for it, as NCCL's ranks do for a rank that never calls.
+template <class Comm>
+void dist_check_agree_space(char const* who, Comm& comm, void* workspace, std::size_t bytes) {
   std::size_t constexpr need = dist_agree_count * sizeof(double) + dist_align;
-  DRDIFF_CHECK(workspace != nullptr && bytes >= need, who, ": rank ", rank, "'s workspace (", bytes, " bytes at ",
-               workspace, ") cannot even hold the ranks' agreement on the arguments (", need,
-               " bytes); the other ranks will wait for it");
+  if (workspace != nullptr && bytes >= need) return;
+  if constexpr (has_abort<Comm>::value) comm.abort();
+  DRDIFF_CHECK(false, who, ": rank ", comm.rank(), "'s workspace (", bytes, " bytes at ", workspace,
+               ") cannot even hold the ranks' agreement on the arguments (", need, " bytes)");
+}
+
+/// A 32-bit FNV-1a hash of integers, exact in a double: a fingerprint the ranks compare.
+struct dist_fingerprint {
+  std::uint32_t h = 2166136261u;
+  void add(std::int64_t v) {
+    for (int b = 0; b < 8; ++b) {
+      h ^= std::uint32_t((std::uint64_t(v) >> (8 * b)) & 0xffu);
+      h *= 16777619u;
+    }
+  }
+  double value() const { return double(h); }
+};
+
+/// Conversions between an element type and fp32 in the shared functors; the CUDA side specialises
+/// it for __nv_bfloat16 and __half with the intrinsics (the conversion operators may be disabled, as
+/// PyTorch extensions do).
+template <class To, class From, class = void>
+struct dist_convert {
+  DRDIFF_HOST_DEVICE static To apply(From x) { return To(x); }
+};
+template <class To, class From>
+DRDIFF_HOST_DEVICE To dist_cast(From x) {
+  return dist_convert<To, From>::apply(x);
 }
 
 /// The ranks agree: every rank learns whether any rank's own checks failed (`failure`, empty when
-/// they passed) and whether all ranks pass the same `count` (≤ 5) numbers `values` (named by
+/// they passed) and whether all ranks pass the same `count` (≤ 7) numbers `values` (named by
 /// `names`); one all-reduce of the maximum of [failed, x, −x]. Throws drdiff::error on every rank
 /// when any of it does not hold. `scratch`: dist_agree_count doubles of the backend's memory.
 template <class Backend, class Comm>
 void dist_agree(distributed_context<Backend, Comm> const& d, char const* who, std::string const& failure,
                 double const* values, char const* const* names, int count, void* scratch) {
+  constexpr int most = (dist_agree_count - 1) / 2;
+  DRDIFF_CHECK(count <= most, who, ": ", count, " values to agree on (at most ", most, ")");
   double vals[dist_agree_count] = {failure.empty() ? 0.0 : 1.0};
   for (int x = 0; x < count; ++x) {
     vals[1 + x] = values[x];
-    vals[6 + x] = -values[x];
+    vals[1 + most + x] = -values[x];
   }
   dist_exec<Backend>::agree(d.local, *d.comm, vals, dist_agree_count, scratch);
   if (!failure.empty()) throw error(failure);
   DRDIFF_CHECK(vals[0] == 0.0, who, ": another rank's arguments were refused (its error says why); rank ",
                d.comm->rank(), " stops too");
   for (int x = 0; x < count; ++x)
-    DRDIFF_CHECK(vals[1 + x] == -vals[6 + x], who, ": the ranks disagree on ", names[x], ": from ", -vals[6 + x],
-                 " to ", vals[1 + x]);
+    DRDIFF_CHECK(vals[1 + x] == -vals[1 + most + x], who, ": the ranks disagree on ", names[x], ": from ",
+                 -vals[1 + most + x], " to ", vals[1 + x]);
 }
 
 }  // namespace detail

@@ -119,8 +119,11 @@ class thread_communicator {
     std::string bad;
     for (int r = 0; r < size(); ++r) {
       auto const& s = group_->slots_[std::size_t(r)];
-      if (s.bytes != bytes && bad.empty()) bad = mismatch("all_gather", r, s.bytes, bytes);
-      else if (bytes) memory::copy(ctx, static_cast<unsigned char*>(recv) + std::size_t(r) * bytes, s.data, bytes);
+      if (s.bytes != bytes) {  // never copy from a buffer of another size
+        if (bad.empty()) bad = mismatch("all_gather", r, s.bytes, bytes);
+        continue;
+      }
+      if (bytes) memory::copy(ctx, static_cast<unsigned char*>(recv) + std::size_t(r) * bytes, s.data, bytes);
     }
     memory::sync(ctx);
     group_->barrier();
@@ -162,9 +165,13 @@ class thread_communicator {
     memory::sync(ctx);  // the sends are ready
     std::size_t const P = std::size_t(size());
     for (int x = 0; x < num_sends; ++x) {
-      DRDIFF_CHECK(sends[x].peer >= 0 && sends[x].peer < size(), "thread_communicator::exchange: rank ", rank_,
-                   " sends to peer ", sends[x].peer, ", outside 0..", size() - 1);
+      // A bad send stops the whole group: the peers would otherwise wait for this rank in the barrier.
+      bool const in_range = sends[x].peer >= 0 && sends[x].peer < size();
+      if (!in_range) group_->abort();
+      DRDIFF_CHECK(in_range, "thread_communicator::exchange: rank ", rank_, " sends to peer ", sends[x].peer,
+                   ", outside 0..", size() - 1);
       transfer& slot = group_->posted_[std::size_t(rank_) * P + std::size_t(sends[x].peer)];
+      if (slot.data != nullptr) group_->abort();
       DRDIFF_CHECK(slot.data == nullptr, "thread_communicator::exchange: rank ", rank_, " sends to peer ",
                    sends[x].peer, " twice in one exchange");
       slot = sends[x];

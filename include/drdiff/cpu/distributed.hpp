@@ -41,6 +41,7 @@ struct thread_comm_memory<cpu> {
 template <>
 struct dist_exec<cpu> {
   static constexpr bool host_memory = true;
+  static void enter(context<cpu> const&) {}
 
   template <class F>
   static void for_each(context<cpu> const& ctx, F const& f) {

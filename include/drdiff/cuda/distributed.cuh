@@ -13,6 +13,8 @@
 #include <drdiff/cuda/attention.cuh>
 #include <drdiff/cuda/error.cuh>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <thrust/for_each.h>
 #include <thrust/iterator/counting_iterator.h>
@@ -22,6 +24,27 @@
 #include <cstdint>
 
 DRDIFF_NAMESPACE_BEGIN
+namespace detail {
+
+template <>
+struct dist_convert<float, __nv_bfloat16> {
+  __host__ __device__ static float apply(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+template <>
+struct dist_convert<__nv_bfloat16, float> {
+  __host__ __device__ static __nv_bfloat16 apply(float x) { return __float2bfloat16(x); }
+};
+template <>
+struct dist_convert<float, __half> {
+  __host__ __device__ static float apply(__half x) { return __half2float(x); }
+};
+template <>
+struct dist_convert<__half, float> {
+  __host__ __device__ static __half apply(float x) { return __float2half(x); }
+};
+
+}  // namespace detail
+
 /// Ranks that are threads of one process, with their data in device memory (any device: the copies
 /// go peer to peer through unified addressing).
 using cuda_thread_communicator = thread_communicator<drdiff::cuda>;
@@ -47,6 +70,10 @@ struct thread_comm_memory<drdiff::cuda> {
 template <>
 struct dist_exec<drdiff::cuda> {
   static constexpr bool host_memory = false;
+  /// The context's device becomes current (-1: keep the current one): every step after it launches there.
+  static void enter(context<drdiff::cuda> const& ctx) {
+    if (ctx.device >= 0) DRDIFF_CUDA_CHECK(cudaSetDevice(ctx.device));
+  }
 
   template <class F>
   static void for_each(context<drdiff::cuda> const& ctx, F const& f) {

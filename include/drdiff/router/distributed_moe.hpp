@@ -95,7 +95,7 @@ struct moe_logits_op {
     T const* xr = x + t * dim;
     T const* wr = w + std::int64_t(e) * dim;
     float s = 0.f;
-    for (int c = 0; c < dim; ++c) s += float(xr[c]) * float(wr[c]);
+    for (int c = 0; c < dim; ++c) s += dist_cast<float>(xr[c]) * dist_cast<float>(wr[c]);
     z[i] = s + (b ? b[e] : 0.f);
   }
 };
@@ -117,7 +117,9 @@ struct moe_route_op {
     float zt[router::max_experts];
     for (int e = 0; e < experts; ++e) {
       zt[e] = z[t * experts + e];
-      if (!(zt[e] - zt[e] == 0.f)) *bad = 1;  // x − x is 0 exactly when x is finite
+      // x − x is 0 exactly when x is finite (the library is not built with fast-math); one of the
+      // bad entries is kept (any writer wins) so that the error can name it.
+      if (!(zt[e] - zt[e] == 0.f)) *bad = int(t * experts + e) + 1;
     }
     router::token_info info;
     info.token = int(t);
@@ -161,11 +163,11 @@ struct moe_combine_op {
     float routed = 0.f;
     for (int j = 0; j < count[t]; ++j) {
       std::int64_t const s = t * width + j;
-      routed += weight[s] * float(y[std::int64_t(row[s]) * dim + c]);
+      routed += weight[s] * dist_cast<float>(y[std::int64_t(row[s]) * dim + c]);
     }
     float const v = routed + acc[e];
     if (residual) residual[e] += v;
-    else out[e] = T(v);
+    else out[e] = dist_cast<T>(v);
   }
 };
 
@@ -212,7 +214,7 @@ moe_dist_layout<T> moe_dist_make_layout(context<Backend> const& ctx, Router cons
   l.zeros = dist_take(at, std::size_t(std::max(l.El, l.S)) * d * sizeof(T));
   // The inner calls: the rank's experts on the most rows it may receive; the shared experts.
   router::moe_args<T> in = a;
-  in.tokens = l.rows_max;
+  in.tokens = l.rows_max;  // (the CUDA query reads only the sizes)
   in.experts = l.El;
   in.shared_experts = 0;
   in.maybe_token_scores = nullptr;
@@ -268,11 +270,30 @@ void moe_dist_run(distributed_context<Backend, Comm> const& dctx, Router const& 
   exec::for_each(ctx, moe_route_op<Router>{r, fp(l.logits), T_, E, W, a.timestep, a.maybe_token_scores,
                                            ip(l.count), ip(l.expert), fp(l.weight), ip(l.bad)});
   std::vector<int> count(static_cast<std::size_t>(T_)), expert(static_cast<std::size_t>(T_) * W);
-  int bad = 0;
-  exec::download(ctx, &bad, at(l.bad), sizeof(int));
-  // A non-finite logit is an error on this rank; the others learn it from the counts' flag below.
+  int bad_entry = 0;
+  exec::download(ctx, &bad_entry, at(l.bad), sizeof(int));
   exec::download(ctx, count.data(), at(l.count), count.size() * sizeof(int));
   exec::download(ctx, expert.data(), at(l.expert), expert.size() * sizeof(int));
+  // A non-finite logit or a selection outside the router's contract is this rank's error; the
+  // others learn of it from the counts' flag below, and all stop together.
+  std::string own_failure;
+  if (bad_entry > 0) {
+    float z = 0.f;
+    exec::download(ctx, &z, at(l.logits + std::size_t(bad_entry - 1) * sizeof(float)), sizeof(float));
+    own_failure = "distributed_moe_forward: rank " + std::to_string(me) + ": router logit [token " +
+                  std::to_string((bad_entry - 1) / E) + ", expert " + std::to_string((bad_entry - 1) % E) + "] = " +
+                  std::to_string(z) + " is not finite";
+  }
+  for (int t = 0; t < T_ && own_failure.empty(); ++t) {
+    int const n = count[std::size_t(t)];
+    bool ok = n >= 0 && n <= W;
+    for (int j = 0; ok && j < n; ++j) ok = expert[std::size_t(t) * W + j] >= 0 && expert[std::size_t(t) * W + j] < E;
+    if (!ok)
+      own_failure = "distributed_moe_forward: rank " + std::to_string(me) + ": the router selected " +
+                    std::to_string(n) + " experts for token " + std::to_string(t) + ", outside its contract (at most " +
+                    std::to_string(W) + ", each in 0.." + std::to_string(E - 1) + ")";
+  }
+  bool const bad = !own_failure.empty();
 
   // 3. The dispatch plan: rows grouped by expert (so by owner rank), tokens in order within one.
   std::vector<int> per_expert(static_cast<std::size_t>(E) + 1, 0);  // + this rank's bound on received rows
@@ -298,8 +319,10 @@ void moe_dist_run(distributed_context<Backend, Comm> const& dctx, Router const& 
   exec::download(ctx, all.data(), at(l.counts_all), all.size() * sizeof(int));
   auto cnt = [&](int s, int e) { return all[std::size_t(s) * (E + 1) + std::size_t(e)]; };
   // Every rank checks every rank's routing and bound, so all of them stop together.
+  DRDIFF_CHECK(own_failure.empty(), own_failure);
   for (int s = 0; s < P; ++s) {
-    DRDIFF_CHECK(cnt(s, E) >= 0, "distributed_moe_forward: rank ", s, " has a router logit that is not finite");
+    DRDIFF_CHECK(cnt(s, E) >= 0, "distributed_moe_forward: rank ", s, "'s routing failed (a router logit that is "
+                 "not finite, or a selection outside the router's contract; its error says which)");
     long long rows = 0;
     for (int x = 0; x < P; ++x)
       for (int e = s * El; e < (s + 1) * El; ++e) rows += cnt(x, e);
@@ -407,7 +430,8 @@ void distributed_moe_forward(distributed_context<Backend, Comm> const& d, Router
                 "routes over the whole batch at once; use a token-choice router");
   drdiff::detail::dist_check_comm("distributed_moe_forward", d.comm);
   auto& comm = *d.comm;
-  drdiff::detail::dist_check_agree_space("distributed_moe_forward", comm.rank(), workspace, workspace_bytes);
+  drdiff::detail::dist_exec<Backend>::enter(d.local);
+  drdiff::detail::dist_check_agree_space("distributed_moe_forward", comm, workspace, workspace_bytes);
   unsigned char* const base = drdiff::detail::dist_aligned(workspace);
   auto const& a = args.local;
   std::string failure;
