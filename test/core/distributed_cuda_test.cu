@@ -3,6 +3,7 @@
 // (cuda_thread_communicator: P = 1 to 4, every kind of pattern, hsa tiers) and, where NCCL was
 // found, over NCCL on every visible GPU (one rank on a one-GPU machine); bf16 and fp32. The
 // expert-parallel MoE against router::moe_forward with every expert, ranks as threads; bf16 and fp32.
+// The model's forward split over ranks (sequence parallelism) against its whole forward.
 
 #include <drdiff/cuda.cuh>
 #if DRDIFF_TEST_NCCL
@@ -20,6 +21,8 @@
 #include <vector>
 
 #include <cublas_v2.h>
+#include <thrust/copy.h>
+#include <thrust/device_vector.h>
 
 #include "../support/device_buffer.cuh"
 #include "../support/user_policies.hpp"
@@ -300,5 +303,66 @@ TEST_CASE("expert-parallel MoE on one GPU, ranks as threads, equals one call", "
     check_moe<float>(router::top_k{2, true}, 1000, 128, 256, 8, 0, ranks);
     check_moe<__nv_bfloat16>(router::top_k{2, true}, 2048, 256, 512, 16, 1, ranks);
     check_moe<__nv_bfloat16>(router::top_p{0.5f, 1, 4, false}, 777, 128, 256, 8, 2, ranks);
+  }
+}
+
+TEST_CASE("GPU model forward split over ranks equals the whole forward", "[model][distributed][cuda]") {
+  // Every expert active (routing continuous in the input), so the only differences are bf16 roundings
+  // in another order.
+  model_config<> c = presets::tiny();
+  c.router.k = c.sizes.experts;
+  c.sizes.blocks = 2;
+  c.attention = test::small_tiers();  // N = 700: window 16, δ = 8, span 256, 16 globals
+  int const batch = 1, seq = 700, de = c.sizes.embed_dim;
+  model<drdiff::cuda, model_config<>> whole(c);
+  whole.init_random(17);
+  std::size_t const n = std::size_t(batch) * seq * de;
+  std::vector<float> x(n);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (auto& e : x) e = nd(rng);
+  thrust::device_vector<float> dx(x.begin(), x.end()), dy(n);
+  whole.forward(context<drdiff::cuda>{}, thrust::raw_pointer_cast(dx.data()), 0.41, thrust::raw_pointer_cast(dy.data()),
+                batch, seq);
+  std::vector<float> want(n);
+  thrust::copy(dy.begin(), dy.end(), want.begin());
+  for (int ranks : {1, 2, 3}) {
+    INFO("ranks " << ranks);
+    std::vector<float> got(n, std::nanf(""));
+    thread_comm_group group(ranks);
+    std::vector<std::string> errors(static_cast<std::size_t>(ranks));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < ranks; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          DRDIFF_CUDA_CHECK(cudaSetDevice(0));
+          model<drdiff::cuda, model_config<>> m(c, whole.weights());
+          cudaStream_t stream;
+          DRDIFF_CUDA_CHECK(cudaStreamCreate(&stream));
+          cuda_thread_communicator comm(group, r);
+          distributed_context<drdiff::cuda, cuda_thread_communicator> d{{stream, 0, nullptr}, &comm};
+          attn::chunk const ch = attn::sequence_chunk(seq, ranks, r);
+          std::size_t const rows = std::size_t(ch.size()) * de;
+          thrust::device_vector<float> cx(x.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de),
+                                          x.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de + rows)),
+              cy(rows);
+          m.forward(d, thrust::raw_pointer_cast(cx.data()), 0.41, thrust::raw_pointer_cast(cy.data()), batch, seq);
+          DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
+          thrust::copy(cy.begin(), cy.end(), got.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de));
+          DRDIFF_CUDA_CHECK(cudaStreamDestroy(stream));
+        } catch (std::exception const& e) {
+          errors.at(std::size_t(r)).assign(e.what());
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (auto const& e : errors) REQUIRE(e == "");
+    double err = 0, mag = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      REQUIRE(std::isfinite(got[i]));
+      err = std::max(err, double(std::abs(want[i] - got[i])));
+      mag = std::max(mag, double(std::abs(want[i])));
+    }
+    INFO("max difference " << err << " of max " << mag);
+    CHECK(err <= 3e-2 * mag);
   }
 }

@@ -16,7 +16,9 @@
 #include <cstdio>
 #include <limits>
 #include <random>
+#include <exception>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace drdiff;
@@ -180,6 +182,58 @@ TEST_CASE("model with SwiGLU experts, a shared expert and top-p routing equals t
   std::vector<float> x(3 * 20 * s.sizes.embed_dim, 0.5f), y(x.size(), std::nanf(""));
   m.forward(context<cpu>{1}, x.data(), 0.5, y.data(), 3, 20);
   for (float v : y) REQUIRE(std::isfinite(v));
+}
+
+TEST_CASE("model forward split over ranks (sequence parallelism) equals the whole forward", "[model][distributed]") {
+  // Threads as ranks; each holds its chunk of every sequence; every weight on every rank.
+  auto const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  model_config<> c = presets::tiny();
+  c.sizes.blocks = 2;
+  c.attention = test::small_tiers();  // N = 700: window 16, δ = 8, span 256, 16 globals
+  int const batch = 2, seq = 700, de = c.sizes.embed_dim;
+  model<cpu, model_config<>> whole(c);
+  randomize(whole, seed);
+  auto const xt = test::problem<float>(1, batch * seq, 1, de, seed + 1).q;
+  std::vector<float> want(xt.size());
+  whole.forward(context<cpu>{2}, xt.data(), 0.41, want.data(), batch, seq);
+  for (int ranks : {1, 2, 3}) {
+    INFO("ranks " << ranks);
+    std::vector<float> got(xt.size(), std::nanf(""));
+    thread_comm_group group(ranks);
+    std::vector<std::string> errors(static_cast<std::size_t>(ranks));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < ranks; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          model<cpu, model_config<>> m(c, whole.weights());
+          cpu_communicator comm(group, r);
+          distributed_context<cpu, cpu_communicator> d{{1}, &comm};
+          attn::chunk const ch = attn::sequence_chunk(seq, ranks, r);
+          std::size_t const rows = std::size_t(ch.size()) * de;
+          std::vector<float> x(batch * rows), y(batch * rows);
+          for (int b = 0; b < batch; ++b)
+            std::copy_n(xt.begin() + std::ptrdiff_t((std::size_t(b) * seq + ch.begin) * de), rows,
+                        x.begin() + std::ptrdiff_t(b * rows));
+          m.forward(d, x.data(), 0.41, y.data(), batch, seq);
+          for (int b = 0; b < batch; ++b)
+            std::copy_n(y.begin() + std::ptrdiff_t(b * rows), rows,
+                        got.begin() + std::ptrdiff_t((std::size_t(b) * seq + ch.begin) * de));
+        } catch (std::exception const& e) {
+          errors.at(std::size_t(r)).assign(e.what());
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (auto const& e : errors) REQUIRE(e == "");
+    double err = 0, mag = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      REQUIRE(std::isfinite(got[i]));
+      err = std::max(err, double(std::abs(want[i] - got[i])));
+      mag = std::max(mag, double(std::abs(want[i])));
+    }
+    INFO("max difference " << err << " of max " << mag);
+    CHECK(err <= 1e-4 * mag);
+  }
 }
 
 TEST_CASE("generation is deterministic for a seed, whatever the threads, and the prompt conditions it", "[model]") {

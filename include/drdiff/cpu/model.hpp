@@ -12,6 +12,7 @@
 #include <drdiff/cpu/anchor.hpp>
 #include <drdiff/cpu/attention.hpp>
 #include <drdiff/cpu/detail/linear.hpp>
+#include <drdiff/cpu/distributed.hpp>
 #include <drdiff/cpu/detail/parallel.hpp>
 #include <drdiff/cpu/moe.hpp>
 #include <drdiff/cpu/solver.hpp>
@@ -92,8 +93,10 @@ class model_layers<cpu> {
   void bind(model_weights const& w, bool /*changed*/) { w_ = &w; }
   float const* weight(std::string const& name) const { return w_->tensor(name).data(); }
 
+  /// `pos0`: the position of the first row (a rank's chunk of a longer sequence starts past 0).
   template <class Policy, class Router>
-  void prepare(context<cpu> const& /*ctx*/, Policy const& /*policy*/, Router const& /*router*/, int batch, int seq) {
+  void prepare(context<cpu> const& /*ctx*/, Policy const& /*policy*/, Router const& /*router*/, int batch, int seq,
+               int pos0 = 0) {
     auto const& s = spec_.sizes;
     batch_ = batch;
     seq_ = seq;
@@ -104,17 +107,18 @@ class model_layers<cpu> {
     att_.resize(h_.size());
     ffn_.resize(h_.size());
     qkv_.resize(3 * h_.size());
-    if (rope_seq_ != seq) {  // cos/sin of p·base^(−2i/hd) for every position and pair
+    if (rope_seq_ != seq || rope_pos0_ != pos0) {  // cos/sin of p·base^(−2i/hd) for every position and pair
       int const half = s.head_dim() / 2;
       rope_cos_.resize(std::size_t(seq) * half);
       rope_sin_.resize(rope_cos_.size());
       for (int pos = 0; pos < seq; ++pos)
         for (int i = 0; i < half; ++i) {
-          double const a = pos * std::pow(spec_.rope_base, -2.0 * i / s.head_dim());
+          double const a = double(pos0 + pos) * std::pow(spec_.rope_base, -2.0 * i / s.head_dim());
           rope_cos_[std::size_t(pos) * half + i] = float(std::cos(a));
           rope_sin_[std::size_t(pos) * half + i] = float(std::sin(a));
         }
       rope_seq_ = seq;
+      rope_pos0_ = pos0;
     }
   }
 
@@ -186,6 +190,24 @@ class model_layers<cpu> {
     std::size_t const need = attention_workspace_bytes(ctx, policy, a);
     if (attn_ws_.size() < need) attn_ws_.resize(need);
     drdiff::attention(ctx, policy, a, attn_ws_.data(), attn_ws_.size());
+  }
+  /// The rows held are this rank's chunk of a sequence of `seq` tokens split over the ranks of `d`.
+  template <class Comm, class Policy>
+  void attention(distributed_context<cpu, Comm> const& d, Policy const& policy, int seq) {
+    auto const& s = spec_.sizes;
+    int const dm = s.d_model, hd = s.head_dim();
+    distributed_attention_args<float> args;
+    args.seq = seq;
+    attention_args<float>& a = args.chunk;
+    a.batch = batch_; a.seq = seq_; a.heads = s.heads; a.head_dim = hd;
+    tensor_strides const st{std::int64_t(seq_) * 3 * dm, 3 * dm, hd};
+    a.q = qkv_.data(); a.k = qkv_.data() + dm; a.v = qkv_.data() + 2 * dm;
+    a.q_strides = a.k_strides = a.v_strides = st;
+    a.o = att_.data();
+    a.o_strides = packed_strides(seq_, s.heads, hd);
+    std::size_t const need = distributed_attention_workspace_bytes(d, policy, args);
+    if (attn_ws_.size() < need) attn_ws_.resize(need);
+    distributed_attention(d, policy, args, attn_ws_.data(), attn_ws_.size());
   }
   /// h += att·Wᵀ.
   void project_add(context<cpu> const& ctx, std::string const& w) {
@@ -263,7 +285,7 @@ class model_layers<cpu> {
   network_spec spec_;
   model_weights const* w_ = nullptr;
   std::int64_t tokens_ = 0;
-  int batch_ = 0, seq_ = 0, rope_seq_ = 0;
+  int batch_ = 0, seq_ = 0, rope_seq_ = 0, rope_pos0_ = 0;
   std::vector<float> h_, ln_, qkv_, att_, ffn_, temb_, tfeat_, thid_, rope_cos_, rope_sin_, cat_ws_;
   std::vector<float> gen_x_, gen_ws_, gen_scratch_, gen_prev_;
   std::vector<unsigned char> attn_ws_;

@@ -14,6 +14,7 @@
 #include <drdiff/cuda/anchor.cuh>
 #include <drdiff/cuda/attention.cuh>
 #include <drdiff/cuda/detail/blas.cuh>
+#include <drdiff/cuda/distributed.cuh>
 #include <drdiff/cuda/error.cuh>
 #include <drdiff/cuda/kernels/model.cuh>
 #include <drdiff/cuda/memory.cuh>
@@ -135,15 +136,16 @@ class model_layers<cuda> {
   }
   float const* weight(std::string const& name) const { return raw(vecs_.at(name)); }
 
+  /// `pos0`: the position of the first row (a rank's chunk of a longer sequence starts past 0).
   template <class Policy, class Router>
-  void prepare(context<cuda> const& ctx, Policy const& policy, Router const& router, int batch, int seq) {
+  void prepare(context<cuda> const& ctx, Policy const& policy, Router const& router, int batch, int seq, int pos0 = 0) {
     DRDIFF_CHECK(ctx.device < 0 || ctx.device == device_, "model (cuda): context<cuda>::device = ", ctx.device,
                  " but the model lives on device ", device_, " (the device current when it was built)");
     cublas_check(cublasSetStream(blas(ctx), stream(ctx)), "cublasSetStream");
     std::int64_t const T = std::int64_t(batch) * seq;
     auto const& s = spec_.sizes;
     DRDIFF_CHECK(T * 3 * s.d_model < (std::int64_t(1) << 31) * 8, "model (cuda): ", T, " tokens are too many");
-    if (T != tokens_ || seq != seq_ || batch != batch_) {
+    if (T != tokens_ || seq != seq_ || batch != batch_ || pos0 != pos0_) {
       std::size_t const dm = std::size_t(s.d_model);
       fresh(h_, std::size_t(T) * dm);
       fresh(temb_, dm);
@@ -158,11 +160,12 @@ class model_layers<cuda> {
       fresh(rope_cos_, rope_n);
       fresh(rope_sin_, rope_n);
       model_rope_table<<<model_grid(rope_n), 256, 0, stream(ctx)>>>(raw(rope_cos_), raw(rope_sin_), seq, s.head_dim() / 2,
-                                                                 spec_.rope_base);
+                                                                 spec_.rope_base, pos0);
       DRDIFF_CUDA_CHECK(cudaGetLastError());
       tokens_ = T;
       seq_ = seq;
       batch_ = batch;
+      pos0_ = pos0;
       try {  // the workspaces for this shape (a model type has one policy and one router)
         fresh(attn_ws_, attention_workspace_bytes(ctx, policy, attn_args()));
         fresh(moe_ws_, router::moe_workspace_bytes(with_blas(ctx), router, moe_args("blocks.0.", 0.0)));
@@ -271,6 +274,16 @@ class model_layers<cuda> {
   void attention(context<cuda> const& ctx, Policy const& policy) {
     drdiff::attention(ctx, policy, attn_args(), raw(attn_ws_), attn_ws_.size());
   }
+  /// The rows held are this rank's chunk of a sequence of `seq` tokens split over the ranks of `d`.
+  template <class Comm, class Policy>
+  void attention(distributed_context<cuda, Comm> const& d, Policy const& policy, int seq) {
+    distributed_attention_args<bf16> args;
+    args.seq = seq;
+    args.chunk = attn_args();
+    std::size_t const need = distributed_attention_workspace_bytes(d, policy, args);
+    fresh_at_least(dist_ws_, need);
+    distributed_attention(d, policy, args, raw(dist_ws_), dist_ws_.size());
+  }
   /// h += att·Wᵀ (into the fp32 residual stream).
   void project_add(context<cuda> const& ctx, std::string const& w) {
     int const dm = spec_.sizes.d_model;
@@ -364,10 +377,10 @@ class model_layers<cuda> {
   std::map<std::string, device_vector<float>> vecs_;
   std::map<std::string, device_vector<unsigned char>> scratch_;
   std::int64_t tokens_ = 0;
-  int seq_ = 0, batch_ = 0;
+  int seq_ = 0, batch_ = 0, pos0_ = 0;
   device_vector<float> h_, temb_, tfeat_, thid_, rope_cos_, rope_sin_;  // rope: [seq × head_dim / 2]
   device_vector<bf16> xb_, ln_, qkv_, att_, ffh_;
-  device_vector<unsigned char> attn_ws_, moe_ws_;
+  device_vector<unsigned char> attn_ws_, moe_ws_, dist_ws_;
 
   static cudaStream_t stream(context<cuda> const& ctx) { return cuda_stream(ctx); }
   /// The cuBLAS handle of a call: the context's when it carries one, else the model's own.

@@ -26,7 +26,9 @@
 
 #include <drdiff/anchor/guidance.hpp>
 #include <drdiff/anchor/projectors.hpp>
+#include <drdiff/attention/distributed.hpp>
 #include <drdiff/core/backend.hpp>
+#include <drdiff/core/distributed.hpp>
 #include <drdiff/core/error.hpp>
 #include <drdiff/model/config.hpp>
 #include <drdiff/model/parameters.hpp>
@@ -193,6 +195,24 @@ class model {
     forward_bound(ctx, xt, t, x0, batch, seq, timing, maybe_x0_prev);
   }
 
+  /// The same for this rank's chunk of `batch` sequences of `seq` tokens split over the ranks of `d`
+  /// (sequence parallelism): xt, x0 and maybe_x0_prev hold the chunk's rows, [batch, chunk, embed_dim]
+  /// with chunk = attn::sequence_chunk(seq, ranks, rank). Every rank holds every weight; attention runs
+  /// as drdiff::distributed_attention, everything else per token on the rank's rows (RoPE at their
+  /// positions in the whole sequence). Collective: every rank calls it with the same t, batch and seq.
+  template <class Comm>
+  void forward(distributed_context<Backend, Comm> const& d, float const* xt, double t, float* x0, int batch, int seq,
+               model_timing* timing = nullptr, float const* maybe_x0_prev = nullptr) {
+    DRDIFF_CHECK(d.comm != nullptr, "model: the distributed context's comm is a null pointer");
+    DRDIFF_CHECK(maybe_x0_prev == nullptr || cfg_.sizes.self_condition,
+                 "model: x0_prev is given but the model is not self-conditioned (sizes.self_condition = false)");
+    DRDIFF_CHECK(seq > 0, "model: seq = ", seq, " must be > 0");
+    attn::chunk const c = attn::sequence_chunk(seq, d.comm->size(), d.comm->rank());
+    layers();
+    forward_bound(d.local, xt, t, x0, batch, c.size(), timing, maybe_x0_prev,
+                  [&](layers_type& L) { L.attention(d, cfg_.attention, seq); }, c.begin);
+  }
+
   /// Noise → DPM-Solver++ (cfg.steps; hooks: the optional clamp guidance, the prompt kept clean) →
   /// rounding against the embedding table. A self-conditioned model gets, at each evaluation, its raw
   /// estimate of the one before (none at the first). Deterministic for a seed (on the CPU whatever the thread
@@ -256,11 +276,18 @@ class model {
   /// The forward pass on the layers as they are bound.
   void forward_bound(context<Backend> const& ctx, float const* xt, double t, float* x0, int batch, int seq,
                      model_timing* timing, float const* maybe_x0_prev = nullptr) {
+    forward_bound(ctx, xt, t, x0, batch, seq, timing, maybe_x0_prev,
+                  [&](layers_type& L) { L.attention(ctx, cfg_.attention); });
+  }
+  /// `attend(L)` runs the attention of a block; the rows start at position `pos0` of the sequence.
+  template <class Attend>
+  void forward_bound(context<Backend> const& ctx, float const* xt, double t, float* x0, int batch, int seq,
+                     model_timing* timing, float const* maybe_x0_prev, Attend&& attend, int pos0 = 0) {
     DRDIFF_CHECK(batch > 0 && seq > 0, "model: batch = ", batch, " and seq = ", seq, " must be > 0");
     DRDIFF_CHECK(xt != nullptr && x0 != nullptr, "model: x_t or x0 is a null pointer");
     DRDIFF_CHECK(std::isfinite(t), "model: t = ", t, " is not finite");
     auto& L = layers_;
-    L.prepare(ctx, cfg_.attention, cfg_.router, batch, seq);
+    L.prepare(ctx, cfg_.attention, cfg_.router, batch, seq, pos0);
     auto clock = L.clock(ctx, timing);
     clock.begin();
     L.time_embedding(ctx, t, "time.fc1", "time.fc2");
@@ -273,7 +300,7 @@ class model {
       L.qkv(ctx, pre + "attn.qkv.weight");       // qkv = ln·Wᵀ, RoPE on q and k
       clock.end(&model_timing::dense);
       clock.begin();
-      L.attention(ctx, cfg_.attention);          // att = attention(q, k, v) under the policy
+      attend(L);                                 // att = attention(q, k, v) under the policy
       clock.end(&model_timing::attention);
       clock.begin();
       L.project_add(ctx, pre + "attn.out.weight");  // h += att·Wᵀ

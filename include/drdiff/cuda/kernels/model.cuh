@@ -124,11 +124,12 @@ DRDIFF_KERNEL void __launch_bounds__(128) model_layer_norm_vec(float const* __re
 
 /// The RoPE table: cos and sin of p·base^(−2i/hd) for every position p < seq and pair i < hd/2, computed
 /// in double as on the CPU (once per sequence length).
-DRDIFF_KERNEL void model_rope_table(float* __restrict__ cs, float* __restrict__ sn, int seq, int half, double base) {
+DRDIFF_KERNEL void model_rope_table(float* __restrict__ cs, float* __restrict__ sn, int seq, int half, double base,
+                                    int pos0) {
   std::size_t const n = std::size_t(seq) * half;
   DRDIFF_GRID_STRIDE(i, n) {
     int const pair = int(i % half);
-    double const a = double(i / half) * pow(base, -2.0 * pair / (2 * half));
+    double const a = double(pos0 + std::int64_t(i / half)) * pow(base, -2.0 * pair / (2 * half));
     cs[i] = float(cos(a));
     sn[i] = float(sin(a));
   }
