@@ -176,8 +176,8 @@ class model_layers<cpu> {
     linear_rows(ctx, ln_.data(), tokens_, dm, weight(w), 3 * dm, nullptr, qkv_.data(), false);
     rope(ctx);
   }
-  template <class Policy>
-  void attention(context<cpu> const& ctx, Policy const& policy) {
+  /// The attention call over the rows held: q, k, v in place in the qkv buffer, o into att.
+  attention_args<float> attn_args() {
     auto const& s = spec_.sizes;
     int const dm = s.d_model, hd = s.head_dim();
     attention_args<float> a{};
@@ -187,6 +187,11 @@ class model_layers<cpu> {
     a.q_strides = a.k_strides = a.v_strides = st;
     a.o = att_.data();
     a.o_strides = packed_strides(seq_, s.heads, hd);
+    return a;
+  }
+  template <class Policy>
+  void attention(context<cpu> const& ctx, Policy const& policy) {
+    attention_args<float> const a = attn_args();
     std::size_t const need = attention_workspace_bytes(ctx, policy, a);
     if (attn_ws_.size() < need) attn_ws_.resize(need);
     drdiff::attention(ctx, policy, a, attn_ws_.data(), attn_ws_.size());
@@ -194,17 +199,9 @@ class model_layers<cpu> {
   /// The rows held are this rank's chunk of a sequence of `seq` tokens split over the ranks of `d`.
   template <class Comm, class Policy>
   void attention(distributed_context<cpu, Comm> const& d, Policy const& policy, int seq) {
-    auto const& s = spec_.sizes;
-    int const dm = s.d_model, hd = s.head_dim();
     distributed_attention_args<float> args;
     args.seq = seq;
-    attention_args<float>& a = args.chunk;
-    a.batch = batch_; a.seq = seq_; a.heads = s.heads; a.head_dim = hd;
-    tensor_strides const st{std::int64_t(seq_) * 3 * dm, 3 * dm, hd};
-    a.q = qkv_.data(); a.k = qkv_.data() + dm; a.v = qkv_.data() + 2 * dm;
-    a.q_strides = a.k_strides = a.v_strides = st;
-    a.o = att_.data();
-    a.o_strides = packed_strides(seq_, s.heads, hd);
+    args.chunk = attn_args();
     std::size_t const need = distributed_attention_workspace_bytes(d, policy, args);
     if (attn_ws_.size() < need) attn_ws_.resize(need);
     distributed_attention(d, policy, args, attn_ws_.data(), attn_ws_.size());
