@@ -11,6 +11,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/ranks.hpp"
+
 #include <climits>
 #include <cmath>
 #include <exception>
@@ -184,40 +186,32 @@ void split(Policy const& policy, full_tensors<T> const& t, int ranks, std::vecto
            std::vector<std::string>& errors, Tweak&& tweak) {
   o.assign(t.q.size(), T(-7));
   lse.assign(std::size_t(t.batch) * t.heads * t.n, lse_t<T>(-7));
-  errors.assign(std::size_t(ranks), std::string());
   thread_comm_group group(ranks);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        cpu_communicator comm(group, r);
-        distributed_context<cpu, cpu_communicator> d{{1}, &comm};
-        attn::chunk const c = attn::sequence_chunk(t.n, ranks, r);
-        tensor_strides const s = t.strides();
-        distributed_attention_args<T> args;
-        args.seq = t.n;
-        auto& a = args.chunk;
-        a.batch = t.batch; a.seq = c.size(); a.heads = t.heads; a.head_dim = t.dim;
-        a.q = t.q.data() + c.begin * s.seq;
-        a.k = t.k.data() + c.begin * s.seq;
-        a.v = t.v.data() + c.begin * s.seq;
-        a.o = o.data() + c.begin * s.seq;
-        a.q_strides = a.k_strides = a.v_strides = a.o_strides = s;
-        std::vector<lse_t<T>> part(std::size_t(t.batch) * t.heads * c.size());
-        a.maybe_lse = part.data();
-        std::size_t bytes = distributed_attention_workspace_bytes(d, policy, args);
-        tweak(r, args, bytes);
-        std::vector<unsigned char> ws(bytes);
-        distributed_attention(d, policy, args, ws.data(), ws.size());
-        for (int b = 0; b < t.batch; ++b)
-          for (int h = 0; h < t.heads; ++h)
-            for (int i = 0; i < c.size(); ++i)
-              lse[(std::size_t(b) * t.heads + h) * t.n + c.begin + i] = part[(std::size_t(b) * t.heads + h) * c.size() + i];
-      } catch (std::exception const& e) {
-        errors[std::size_t(r)] = e.what();
-      }
-    });
-  for (auto& th : threads) th.join();
+  errors = test::run_ranks(ranks, [&](int r) {
+    cpu_communicator comm(group, r);
+    distributed_context<cpu, cpu_communicator> d{{1}, &comm};
+    attn::chunk const c = attn::sequence_chunk(t.n, ranks, r);
+    tensor_strides const s = t.strides();
+    distributed_attention_args<T> args;
+    args.seq = t.n;
+    auto& a = args.chunk;
+    a.batch = t.batch; a.seq = c.size(); a.heads = t.heads; a.head_dim = t.dim;
+    a.q = t.q.data() + c.begin * s.seq;
+    a.k = t.k.data() + c.begin * s.seq;
+    a.v = t.v.data() + c.begin * s.seq;
+    a.o = o.data() + c.begin * s.seq;
+    a.q_strides = a.k_strides = a.v_strides = a.o_strides = s;
+    std::vector<lse_t<T>> part(std::size_t(t.batch) * t.heads * c.size());
+    a.maybe_lse = part.data();
+    std::size_t bytes = distributed_attention_workspace_bytes(d, policy, args);
+    tweak(r, args, bytes);
+    std::vector<unsigned char> ws(bytes);
+    distributed_attention(d, policy, args, ws.data(), ws.size());
+    for (int b = 0; b < t.batch; ++b)
+      for (int h = 0; h < t.heads; ++h)
+        for (int i = 0; i < c.size(); ++i)
+          lse[(std::size_t(b) * t.heads + h) * t.n + c.begin + i] = part[(std::size_t(b) * t.heads + h) * c.size() + i];
+  });
 }
 
 template <class T, class Policy>
@@ -336,27 +330,19 @@ TEST_CASE("distributed attention refuses bad arguments on every rank", "[attenti
   for (auto const& e : errors) CHECK_THAT(e, Catch::Matchers::Contains("the ranks disagree on softmax_scale"));
   {  // The ranks pass different windows: the pattern's fingerprint differs, both stop.
     thread_comm_group group(2);
-    std::vector<std::string> err(2);
     std::vector<float> out(t.q.size());
-    auto rank = [&](int r, auto const& pol) {
-      try {
-        cpu_communicator comm(group, r);
-        distributed_context<cpu, cpu_communicator> d{{1}, &comm};
-        attn::chunk const c = attn::sequence_chunk(t.n, 2, r);
-        distributed_attention_args<float> a;
-        a.seq = t.n;
-        a.chunk = make_attention_args<float>(t.q.data() + c.begin * 32, t.k.data() + c.begin * 32,
-                                             t.v.data() + c.begin * 32, out.data() + c.begin * 32, 1, c.size(), 1, 32);
-        std::vector<unsigned char> ws(distributed_attention_workspace_bytes(d, pol, a));
-        distributed_attention(d, pol, a, ws.data(), ws.size());
-      } catch (std::exception const& e) {
-        err.at(std::size_t(r)).assign(e.what());
-      }
-    };
-    std::thread t0([&] { rank(0, attn::local_window{8}); });
-    std::thread t1([&] { rank(1, attn::local_window{9}); });
-    t0.join();
-    t1.join();
+    auto const err = test::run_ranks(2, [&](int r) {
+      cpu_communicator comm(group, r);
+      distributed_context<cpu, cpu_communicator> d{{1}, &comm};
+      attn::chunk const c = attn::sequence_chunk(t.n, 2, r);
+      distributed_attention_args<float> a;
+      a.seq = t.n;
+      a.chunk = make_attention_args<float>(t.q.data() + c.begin * 32, t.k.data() + c.begin * 32,
+                                           t.v.data() + c.begin * 32, out.data() + c.begin * 32, 1, c.size(), 1, 32);
+      auto const pol = attn::local_window{8 + r};
+      std::vector<unsigned char> ws(distributed_attention_workspace_bytes(d, pol, a));
+      distributed_attention(d, pol, a, ws.data(), ws.size());
+    });
     for (auto const& e : err) CHECK_THAT(e, Catch::Matchers::Contains("disagree on the attention pattern"));
   }
   // A workspace too small on one rank: it aborts the group, so the other stops too.

@@ -12,6 +12,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/ranks.hpp"
+
 #include <cmath>
 #include <exception>
 #include <memory>
@@ -141,18 +143,10 @@ void check_threads(Policy const& policy, int n, int batch, int heads, int dim, i
   std::vector<lse_t<T>> l1, l2(std::size_t(batch) * heads * n);
   single(policy, in, o1, l1);
   thread_comm_group group(ranks);
-  std::vector<std::string> errors(static_cast<std::size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        cuda_thread_communicator comm(group, r);
-        rank_call(policy, in, 0, comm, o2, l2);
-      } catch (std::exception const& e) {
-        errors.at(std::size_t(r)).assign(e.what());
-      }
-    });
-  for (auto& t : threads) t.join();
+  auto const errors = test::run_ranks(ranks, [&](int r) {
+    cuda_thread_communicator comm(group, r);
+    rank_call(policy, in, 0, comm, o2, l2);
+  });
   for (auto const& e : errors) REQUIRE(e == "");
   compare(in, o1, l1, o2, l2);
 }
@@ -186,18 +180,10 @@ TEST_CASE("distributed attention over NCCL on every visible GPU equals one call"
     std::vector<float> l1, l2(std::size_t(heads) * n);
     DRDIFF_CUDA_CHECK(cudaSetDevice(0));
     single(policy, in, o1, l1);
-    std::vector<std::string> errors(static_cast<std::size_t>(devices));
-    std::vector<std::thread> threads;
-    for (int r = 0; r < devices; ++r)
-      threads.emplace_back([&, r] {
-        try {
-          nccl_communicator comm(comms[std::size_t(r)]);
-          rank_call(policy, in, r, comm, o2, l2);
-        } catch (std::exception const& e) {
-          errors.at(std::size_t(r)).assign(e.what());
-        }
-      });
-    for (auto& t : threads) t.join();
+    auto const errors = test::run_ranks(devices, [&](int r) {
+      nccl_communicator comm(comms[std::size_t(r)]);
+      rank_call(policy, in, r, comm, o2, l2);
+    });
     for (auto const& e : errors) REQUIRE(e == "");
     compare(in, o1, l1, o2, l2);
   };
@@ -250,38 +236,30 @@ void check_moe(Router const& r, int n, int d, int f, int E, int S, int ranks) {
   }
   cublasDestroy(handle);
   thread_comm_group group(ranks);
-  std::vector<std::string> errors(static_cast<std::size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < ranks; ++rank)
-    threads.emplace_back([&, rank] {
-      try {
-        cublasHandle_t h;
-        DRDIFF_CHECK(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "cublasCreate");
-        cudaStream_t stream;
-        DRDIFF_CUDA_CHECK(cudaStreamCreate(&stream));
-        cuda_thread_communicator comm(group, rank);
-        distributed_context<drdiff::cuda, cuda_thread_communicator> dc{{stream, 0, h}, &comm};
-        attn::chunk const c = attn::sequence_chunk(n, ranks, rank);
-        int const El = E / ranks;
-        router::distributed_moe_args<T> args;
-        args.local = a;
-        args.local.tokens = c.size();
-        args.local.x = dx->ptr + std::size_t(c.begin) * d;
-        args.local.w_up = dup->ptr + std::size_t(rank) * El * f * d;
-        args.local.w_down = ddown->ptr + std::size_t(rank) * El * d * f;
-        args.local.out = out2.ptr + std::size_t(c.begin) * d;
-        {
-          dbuf<unsigned char> ws(router::distributed_moe_workspace_bytes(dc, r, args));
-          router::distributed_moe_forward(dc, r, args, ws.ptr, ws.n);
-          DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
-        }
-        DRDIFF_CUDA_CHECK(cudaStreamDestroy(stream));
-        cublasDestroy(h);
-      } catch (std::exception const& e) {
-        errors.at(std::size_t(rank)).assign(e.what());
-      }
-    });
-  for (auto& t : threads) t.join();
+  auto const errors = test::run_ranks(ranks, [&](int rank) {
+    cublasHandle_t h;
+    DRDIFF_CHECK(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "cublasCreate");
+    cudaStream_t stream;
+    DRDIFF_CUDA_CHECK(cudaStreamCreate(&stream));
+    cuda_thread_communicator comm(group, rank);
+    distributed_context<drdiff::cuda, cuda_thread_communicator> dc{{stream, 0, h}, &comm};
+    attn::chunk const c = attn::sequence_chunk(n, ranks, rank);
+    int const El = E / ranks;
+    router::distributed_moe_args<T> args;
+    args.local = a;
+    args.local.tokens = c.size();
+    args.local.x = dx->ptr + std::size_t(c.begin) * d;
+    args.local.w_up = dup->ptr + std::size_t(rank) * El * f * d;
+    args.local.w_down = ddown->ptr + std::size_t(rank) * El * d * f;
+    args.local.out = out2.ptr + std::size_t(c.begin) * d;
+    {
+      dbuf<unsigned char> ws(router::distributed_moe_workspace_bytes(dc, r, args));
+      router::distributed_moe_forward(dc, r, args, ws.ptr, ws.n);
+      DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    DRDIFF_CUDA_CHECK(cudaStreamDestroy(stream));
+    cublasDestroy(h);
+  });
   for (auto const& e : errors) REQUIRE(e == "");
   auto const o1 = out1.download(), o2 = out2.download();
   double const tol = std::is_same_v<T, float> ? 1e-4 : 2e-2;
@@ -330,31 +308,23 @@ TEST_CASE("GPU model forward split over ranks equals the whole forward", "[model
     INFO("ranks " << ranks);
     std::vector<float> got(n, std::nanf(""));
     thread_comm_group group(ranks);
-    std::vector<std::string> errors(static_cast<std::size_t>(ranks));
-    std::vector<std::thread> threads;
-    for (int r = 0; r < ranks; ++r)
-      threads.emplace_back([&, r] {
-        try {
-          DRDIFF_CUDA_CHECK(cudaSetDevice(0));
-          model<drdiff::cuda, model_config<>> m(c, whole.weights());
-          cudaStream_t stream;
-          DRDIFF_CUDA_CHECK(cudaStreamCreate(&stream));
-          cuda_thread_communicator comm(group, r);
-          distributed_context<drdiff::cuda, cuda_thread_communicator> d{{stream, 0, nullptr}, &comm};
-          attn::chunk const ch = attn::sequence_chunk(seq, ranks, r);
-          std::size_t const rows = std::size_t(ch.size()) * de;
-          thrust::device_vector<float> cx(x.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de),
-                                          x.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de + rows)),
-              cy(rows);
-          m.forward(d, thrust::raw_pointer_cast(cx.data()), 0.41, thrust::raw_pointer_cast(cy.data()), batch, seq);
-          DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
-          thrust::copy(cy.begin(), cy.end(), got.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de));
-          DRDIFF_CUDA_CHECK(cudaStreamDestroy(stream));
-        } catch (std::exception const& e) {
-          errors.at(std::size_t(r)).assign(e.what());
-        }
-      });
-    for (auto& t : threads) t.join();
+    auto const errors = test::run_ranks(ranks, [&](int r) {
+      DRDIFF_CUDA_CHECK(cudaSetDevice(0));
+      model<drdiff::cuda, model_config<>> m(c, whole.weights());
+      cudaStream_t stream;
+      DRDIFF_CUDA_CHECK(cudaStreamCreate(&stream));
+      cuda_thread_communicator comm(group, r);
+      distributed_context<drdiff::cuda, cuda_thread_communicator> d{{stream, 0, nullptr}, &comm};
+      attn::chunk const ch = attn::sequence_chunk(seq, ranks, r);
+      std::size_t const rows = std::size_t(ch.size()) * de;
+      thrust::device_vector<float> cx(x.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de),
+                                      x.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de + rows)),
+          cy(rows);
+      m.forward(d, thrust::raw_pointer_cast(cx.data()), 0.41, thrust::raw_pointer_cast(cy.data()), batch, seq);
+      DRDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
+      thrust::copy(cy.begin(), cy.end(), got.begin() + std::ptrdiff_t(std::size_t(ch.begin) * de));
+      DRDIFF_CUDA_CHECK(cudaStreamDestroy(stream));
+    });
     for (auto const& e : errors) REQUIRE(e == "");
     double err = 0, mag = 0;
     for (std::size_t i = 0; i < n; ++i) {

@@ -12,6 +12,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/ranks.hpp"
+
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -201,29 +203,21 @@ TEST_CASE("model forward split over ranks (sequence parallelism) equals the whol
     INFO("ranks " << ranks);
     std::vector<float> got(xt.size(), std::nanf(""));
     thread_comm_group group(ranks);
-    std::vector<std::string> errors(static_cast<std::size_t>(ranks));
-    std::vector<std::thread> threads;
-    for (int r = 0; r < ranks; ++r)
-      threads.emplace_back([&, r] {
-        try {
-          model<cpu, model_config<>> m(c, whole.weights());
-          cpu_communicator comm(group, r);
-          distributed_context<cpu, cpu_communicator> d{{1}, &comm};
-          attn::chunk const ch = attn::sequence_chunk(seq, ranks, r);
-          std::size_t const rows = std::size_t(ch.size()) * de;
-          std::vector<float> x(batch * rows), y(batch * rows);
-          for (int b = 0; b < batch; ++b)
-            std::copy_n(xt.begin() + std::ptrdiff_t((std::size_t(b) * seq + ch.begin) * de), rows,
-                        x.begin() + std::ptrdiff_t(b * rows));
-          m.forward(d, x.data(), 0.41, y.data(), batch, seq);
-          for (int b = 0; b < batch; ++b)
-            std::copy_n(y.begin() + std::ptrdiff_t(b * rows), rows,
-                        got.begin() + std::ptrdiff_t((std::size_t(b) * seq + ch.begin) * de));
-        } catch (std::exception const& e) {
-          errors.at(std::size_t(r)).assign(e.what());
-        }
-      });
-    for (auto& t : threads) t.join();
+    auto const errors = test::run_ranks(ranks, [&](int r) {
+      model<cpu, model_config<>> m(c, whole.weights());
+      cpu_communicator comm(group, r);
+      distributed_context<cpu, cpu_communicator> d{{1}, &comm};
+      attn::chunk const ch = attn::sequence_chunk(seq, ranks, r);
+      std::size_t const rows = std::size_t(ch.size()) * de;
+      std::vector<float> x(batch * rows), y(batch * rows);
+      for (int b = 0; b < batch; ++b)
+        std::copy_n(xt.begin() + std::ptrdiff_t((std::size_t(b) * seq + ch.begin) * de), rows,
+                    x.begin() + std::ptrdiff_t(b * rows));
+      m.forward(d, x.data(), 0.41, y.data(), batch, seq);
+      for (int b = 0; b < batch; ++b)
+        std::copy_n(y.begin() + std::ptrdiff_t(b * rows), rows,
+                    got.begin() + std::ptrdiff_t((std::size_t(b) * seq + ch.begin) * de));
+    });
     for (auto const& e : errors) REQUIRE(e == "");
     double err = 0, mag = 0;
     for (std::size_t i = 0; i < want.size(); ++i) {

@@ -7,6 +7,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/ranks.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <exception>
@@ -71,40 +73,32 @@ template <class Router, class Tweak>
 std::vector<std::string> split(Router const& r, layer const& L, int ranks, std::vector<float>& out, bool residual,
                                Tweak&& tweak) {
   out.assign(std::size_t(L.n) * L.d, residual ? 0.25f : -7.f);
-  std::vector<std::string> errors(static_cast<std::size_t>(ranks));
   thread_comm_group group(ranks);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < ranks; ++rank)
-    threads.emplace_back([&, rank] {
-      try {
-        cpu_communicator comm(group, rank);
-        distributed_context<cpu, cpu_communicator> d{{1}, &comm};
-        attn::chunk const c = attn::sequence_chunk(L.n, ranks, rank);
-        int const El = L.E / ranks;
-        std::vector<float> whole;
-        router::distributed_moe_args<float> args;
-        args.local = whole_args(L, whole);
-        auto& a = args.local;
-        a.tokens = c.size();
-        a.x = L.x.data() + std::size_t(c.begin) * L.d;
-        a.maybe_token_scores = L.scores.data() + c.begin;
-        a.w_up = L.w_up.data() + std::size_t(rank) * El * L.f * L.d;
-        a.w_gate = L.w_gate.data() + std::size_t(rank) * El * L.f * L.d;
-        a.w_down = L.w_down.data() + std::size_t(rank) * El * L.d * L.f;
-        a.out = residual ? nullptr : out.data() + std::size_t(c.begin) * L.d;
-        a.residual = residual ? out.data() + std::size_t(c.begin) * L.d : nullptr;
-        // The size for the arguments as they were: a rank whose spoilt arguments are refused by the size
-        // query would never reach the call, and the others would wait for it (as with NCCL).
-        std::size_t bytes = router::distributed_moe_workspace_bytes(d, r, args);
-        tweak(rank, args, bytes);  // may spoil the arguments; bytes = 0: size them again
-        if (bytes == 0) bytes = router::distributed_moe_workspace_bytes(d, r, args);
-        std::vector<unsigned char> ws(bytes);
-        router::distributed_moe_forward(d, r, args, ws.data(), ws.size());
-      } catch (std::exception const& e) {
-        errors.at(std::size_t(rank)).assign(e.what());
-      }
-    });
-  for (auto& t : threads) t.join();
+  auto const errors = test::run_ranks(ranks, [&](int rank) {
+    cpu_communicator comm(group, rank);
+    distributed_context<cpu, cpu_communicator> d{{1}, &comm};
+    attn::chunk const c = attn::sequence_chunk(L.n, ranks, rank);
+    int const El = L.E / ranks;
+    std::vector<float> whole;
+    router::distributed_moe_args<float> args;
+    args.local = whole_args(L, whole);
+    auto& a = args.local;
+    a.tokens = c.size();
+    a.x = L.x.data() + std::size_t(c.begin) * L.d;
+    a.maybe_token_scores = L.scores.data() + c.begin;
+    a.w_up = L.w_up.data() + std::size_t(rank) * El * L.f * L.d;
+    a.w_gate = L.w_gate.data() + std::size_t(rank) * El * L.f * L.d;
+    a.w_down = L.w_down.data() + std::size_t(rank) * El * L.d * L.f;
+    a.out = residual ? nullptr : out.data() + std::size_t(c.begin) * L.d;
+    a.residual = residual ? out.data() + std::size_t(c.begin) * L.d : nullptr;
+    // The size for the arguments as they were: a rank whose spoilt arguments are refused by the size
+    // query would never reach the call, and the others would wait for it (as with NCCL).
+    std::size_t bytes = router::distributed_moe_workspace_bytes(d, r, args);
+    tweak(rank, args, bytes);  // may spoil the arguments; bytes = 0: size them again
+    if (bytes == 0) bytes = router::distributed_moe_workspace_bytes(d, r, args);
+    std::vector<unsigned char> ws(bytes);
+    router::distributed_moe_forward(d, r, args, ws.data(), ws.size());
+  });
   return errors;
 }
 
